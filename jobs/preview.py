@@ -1,0 +1,27 @@
+"""Preview a recipe's data: python jobs/preview.py --config tiny-sft [key=value ...] [--rows N]"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout sent with --working-dir needs no install
+
+from ray_zephyr.cli import parse_recipe_args  # noqa: E402
+from ray_zephyr.errors import run_cli  # noqa: E402
+
+
+def main() -> None:
+    recipe, args = parse_recipe_args(
+        "Show what a recipe's data pipeline produces",
+        add_arguments=lambda p: p.add_argument("--rows", type=int, default=None, help="look at the first N rows only"),
+    )
+    from ray_zephyr.data.preview import preview
+    from ray_zephyr.data.tokenize import load_tokenizer
+    from ray_zephyr.runtime import init_ray
+
+    tokenizer = load_tokenizer(recipe)
+    init_ray()
+    print(preview(recipe, tokenizer, args.rows))
+
+
+if __name__ == "__main__":
+    run_cli(main)

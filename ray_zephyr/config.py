@@ -1,0 +1,216 @@
+"""Recipes: YAML files plus `key=value` overrides, validated into typed sections.
+
+A recipe is found by path, or by name among the recipes shipped in `ray_zephyr/recipes/` (so it works
+from an installed package and from a checkout sent with `ray job submit --working-dir`).
+Unknown keys and wrong types are one-line errors that name the key and the valid choices.
+"""
+
+from __future__ import annotations
+
+import typing
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+from ray_zephyr.errors import UserError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class SourceConfig(_Section):
+    """One input of a data mixture."""
+
+    path: str  # hub dataset id, local file or folder (jsonl/json/parquet), or "embedded"
+    split: str = "train"  # hub split; for local folders a file-name prefix; for embedded: train or test
+    weight: float = 1.0  # fraction of the source's rows used, as in the handbook's dataset mixer
+    rows: int | None = None  # embedded only: how many rows to generate
+
+    @model_validator(mode="after")
+    def _check(self) -> SourceConfig:
+        if not 0.0 < self.weight <= 1.0:
+            raise ValueError(f"weight must be in (0, 1], got {self.weight}")
+        if self.rows is not None and self.path != "embedded":
+            raise ValueError("rows is only for path: embedded")
+        return self
+
+
+class DataConfig(_Section):
+    train: list[SourceConfig]
+    eval: list[SourceConfig] = []
+    eval_fraction: float = 0.0  # rows of the train sources held out for eval (deterministic by seed)
+    chat_template: str = "auto"  # auto (the tokenizer's own, Zephyr's if none), zephyr, or a Jinja template
+    add_empty_system: bool = False  # insert an empty system turn when a conversation has none
+    max_length: int = 1024  # tokens per sequence (SFT: whole conversation; DPO: prompt + completion)
+    truncation_mode: Literal["keep_start", "keep_end"] = "keep_start"
+    on_bad_row: Literal["fail", "skip"] = "fail"
+    shuffle: bool = True
+    stall_timeout_s: float = 600.0  # no batch for this long: fail with a message instead of hanging
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        if not self.train:
+            raise ValueError("at least one train source is needed")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be at least 2, got {self.max_length}")
+        return self
+
+
+class ModelConfig(_Section):
+    name_or_path: str  # hub id, local folder, or "embedded" (the project's tiny model)
+    tokenizer: str | None = None  # defaults to name_or_path
+    revision: str | None = None
+    trust_remote_code: bool = False
+    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = True
+
+
+class TrainConfig(_Section):
+    output_dir: str
+    storage_path: str | None = None  # Ray Train checkpoints: local folder or cloud URI; default output_dir/ray
+    num_workers: int = 1
+    use_gpu: bool = False
+    epochs: int = 1
+    max_steps: int = -1
+    global_batch_size: int = 8
+    per_device_batch_size: int = 8
+    lr: float = 2e-5
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = 0.1
+    optimizer: Literal["adamw", "rmsprop"] = "adamw"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    zero_stage: Literal[2, 3] = 3
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    log_every_steps: int = 10
+    eval_every_steps: int = 0  # 0: only at the end
+    checkpoint_every_steps: int = 0  # 0: only at the end
+    max_failures: int = 3
+
+
+class DPOConfig(_Section):
+    beta: float = 0.1
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    label_smoothing: float = 0.0
+    reference: Literal["precomputed", "resident"] = "precomputed"
+
+
+class Recipe(_Section):
+    stage: Literal["sft", "dpo"]
+    seed: int = 42
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+    dpo: DPOConfig = DPOConfig()
+
+
+RECIPES_DIR = resources.files("ray_zephyr") / "recipes"
+
+
+def shipped_recipes() -> list[str]:
+    return sorted(p.name.removesuffix(".yaml") for p in RECIPES_DIR.iterdir() if p.name.endswith(".yaml"))
+
+
+def recipe_file(name_or_path: str) -> Path:
+    """A recipe path as given, else a shipped recipe by name."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = RECIPES_DIR / f"{name_or_path.removesuffix('.yaml')}.yaml"
+    if shipped.is_file():
+        return Path(str(shipped))
+    raise UserError(f"recipe {name_or_path!r} not found: not a file, and not one of {', '.join(shipped_recipes())}")
+
+
+def load_recipe(name_or_path: str, overrides: list[str] = ()) -> Recipe:
+    path = recipe_file(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise UserError(f"recipe {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"recipe {path}: expected a mapping of sections, got {type(raw).__name__}")
+    for override in overrides:
+        apply_override(raw, override)
+    return validate_recipe(raw, source=str(path))
+
+
+def apply_override(raw: dict, override: str) -> None:
+    """Set `a.b.c=value` in the raw recipe; the value is parsed as YAML (1e-5, true, [..], {..})."""
+    key, sep, text = override.partition("=")
+    if not sep or not key:
+        raise UserError(f"override {override!r} is not key=value (e.g. train.lr=1e-5)")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    node: Any = raw
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        index = int(part) if part.isdigit() else part
+        try:
+            child = node[index]
+        except (KeyError, IndexError, TypeError):
+            if isinstance(node, dict):
+                child = node[index] = {}
+            else:
+                raise UserError(f"override {key!r}: {'.'.join(parts[: i + 1])} does not exist") from None
+        node = child
+    last = parts[-1]
+    if isinstance(node, list) and last.isdigit() and int(last) < len(node):
+        node[int(last)] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise UserError(f"override {key!r}: cannot set {last!r} inside a {type(node).__name__}")
+
+
+def validate_recipe(raw: dict, source: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise UserError(f"{source}: {_describe(exc.errors()[0])}") from None
+
+
+def _describe(error: dict) -> str:
+    """One line for the first validation error: where, what, and what is allowed."""
+    loc = error["loc"]
+    where = ".".join(str(p) for p in loc)
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        section = _model_at(Recipe, loc[:-1])
+        valid = ", ".join(section.model_fields) if section else "?"
+        return f"unknown key {where!r}; valid keys{' in ' + repr(_dotted(loc[:-1])) if loc[:-1] else ''}: {valid}"
+    if kind == "missing":
+        return f"missing required key {where!r}"
+    if kind == "literal_error":
+        return f"{where}: {error['msg'].replace('Input should be', 'must be')}, got {error['input']!r}"
+    if kind == "value_error":
+        return f"{where + ': ' if where else ''}{error['msg'].removeprefix('Value error, ')}"
+    expected = error["msg"].replace("Input should be a valid ", "expected ").replace("Input should be ", "expected ")
+    return f"{where}: {expected}, got {error['input']!r} ({type(error['input']).__name__})"
+
+
+def _dotted(loc: tuple) -> str:
+    return ".".join(str(p) for p in loc)
+
+
+def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The section class that `loc` points into (list indices pass through to the item type)."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)) or part not in current.model_fields:
+            return None
+        annotation = current.model_fields[part].annotation
+        args = typing.get_args(annotation)
+        current = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), annotation)
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None

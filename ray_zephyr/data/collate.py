@@ -1,0 +1,63 @@
+"""Batches from tokenized rows, truncated and padded exactly as TRL 1.16's collators do.
+
+Preference batches are `[chosen; rejected]` stacked on the batch axis with `input_ids`, `attention_mask`
+and `completion_mask` (1 on completion tokens), so one forward pass scores both sides.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+
+def _truncate(seq: Sequence, max_length: int | None, mode: str) -> Sequence:
+    if max_length is None:
+        return seq
+    return seq[:max_length] if mode == "keep_start" else seq[-max_length:]
+
+
+def _pad(rows: list[Sequence[int]], value: int, multiple_of: int | None = None) -> torch.Tensor:
+    length = max(len(r) for r in rows)
+    if multiple_of:
+        length = -(-length // multiple_of) * multiple_of
+    out = torch.full((len(rows), length), value, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.as_tensor(np.asarray(r, dtype=np.int64))
+    return out
+
+
+def collate_preference(
+    rows: dict[str, Sequence],
+    pad_token_id: int,
+    max_length: int | None = None,
+    truncation_mode: str = "keep_start",
+    pad_to_multiple_of: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Columns `prompt_ids`, `chosen_ids`, `rejected_ids` (+ optional ref log-probs) -> a [chosen; rejected] batch."""
+    sequences, masks = [], []
+    for side in ("chosen_ids", "rejected_ids"):
+        for prompt, completion in zip(rows["prompt_ids"], rows[side], strict=True):
+            prompt, completion = list(prompt), list(completion)
+            sequences.append(_truncate(prompt + completion, max_length, truncation_mode))
+            masks.append(_truncate([0] * len(prompt) + [1] * len(completion), max_length, truncation_mode))
+    batch = {
+        "input_ids": _pad(sequences, pad_token_id, pad_to_multiple_of),
+        "attention_mask": _pad([[1] * len(s) for s in sequences], 0, pad_to_multiple_of),
+        "completion_mask": _pad(masks, 0, pad_to_multiple_of),
+    }
+    for key in ("ref_chosen_logps", "ref_rejected_logps"):
+        if key in rows:
+            batch[key] = torch.as_tensor(np.asarray(rows[key], dtype=np.float32))
+    return batch
+
+
+def collate_sft(rows: dict[str, Sequence], pad_token_id: int, pad_to_multiple_of: int | None = None) -> dict:
+    """Columns `input_ids`, `labels` (already truncated, -100 off the assistant turns) -> a padded batch."""
+    input_ids = [list(r) for r in rows["input_ids"]]
+    return {
+        "input_ids": _pad(input_ids, pad_token_id, pad_to_multiple_of),
+        "attention_mask": _pad([[1] * len(r) for r in input_ids], 0, pad_to_multiple_of),
+        "labels": _pad([list(r) for r in rows["labels"]], -100, pad_to_multiple_of),
+    }

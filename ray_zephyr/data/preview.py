@@ -1,0 +1,71 @@
+"""What the model will be trained on: counts, drops by reason, token lengths, one rendered example."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ray_zephyr.config import Recipe
+from ray_zephyr.data.pipeline import build_datasets, iter_with_stall_timeout
+
+PERCENTILES = (50, 90, 99, 100)
+
+
+def _lengths(rows: dict, stage: str) -> tuple[list[int], list[int]]:
+    """(sequence tokens, supervised tokens) per row; DPO counts prompt + the longer completion."""
+    if stage == "sft":
+        return [len(x) for x in rows["input_ids"]], [int(np.sum(np.asarray(x) != -100)) for x in rows["labels"]]
+    seq = [len(p) + max(len(c), len(r)) for p, c, r in zip(rows["prompt_ids"], rows["chosen_ids"], rows["rejected_ids"])]
+    return seq, [len(c) + len(r) for c, r in zip(rows["chosen_ids"], rows["rejected_ids"])]
+
+
+def mark_supervised(tokenizer, ids: list[int], supervised: list[bool]) -> str:
+    """Decode `ids`, wrapping supervised spans in [[ ]] so a user sees what the loss is computed on."""
+    out, span, current = [], [], False
+    for token, flag in zip(ids, supervised):
+        if flag != current and span:
+            text = tokenizer.decode(span)
+            out.append(f"[[{text}]]" if current else text)
+            span = []
+        span.append(int(token))
+        current = flag
+    if span:
+        text = tokenizer.decode(span)
+        out.append(f"[[{text}]]" if current else text)
+    return "".join(out)
+
+
+def render_example(tokenizer, row: dict, stage: str) -> str:
+    if stage == "sft":
+        labels = list(row["labels"])
+        return mark_supervised(tokenizer, list(row["input_ids"]), [label != -100 for label in labels])
+    prompt = list(row["prompt_ids"])
+    chosen = mark_supervised(tokenizer, prompt + list(row["chosen_ids"]), [False] * len(prompt) + [True] * len(row["chosen_ids"]))
+    rejected = tokenizer.decode(list(row["rejected_ids"]))
+    return f"{chosen}\n--- rejected completion:\n[[{rejected}]]"
+
+
+def preview(recipe: Recipe, tokenizer, max_rows: int | None = None) -> str:
+    data = build_datasets(recipe, tokenizer)
+    lines = [f"recipe stage={recipe.stage} model={recipe.model.name_or_path} max_length={recipe.data.max_length}"]
+    example, stats = None, {}
+    for name, ds in data.as_dict().items():
+        if max_rows:
+            ds = ds.limit(max_rows)
+        seq, sup = [], []
+        batches = ds.iter_batches(batch_size=256, batch_format="numpy")
+        for batch in iter_with_stall_timeout(batches, recipe.data.stall_timeout_s, f"preview {name}"):
+            s, p = _lengths(batch, recipe.stage)
+            seq += s
+            sup += p
+            if example is None and len(batch["source"]):
+                example = {k: v[0] for k, v in batch.items()}
+        stats[name] = (seq, sup)
+    lines += data.report().lines()
+    for name, (seq, sup) in stats.items():
+        if seq:
+            pct = lambda xs: ", ".join(f"p{q} {int(np.percentile(xs, q))}" for q in PERCENTILES).replace("p100", "max")
+            lines.append(f"{name} tokens per row: {pct(seq)}; supervised tokens: {pct(sup)}")
+    if example is not None:
+        lines.append(f"example ({example['source']} row {example['row']}; supervised tokens in [[ ]]):")
+        lines.append(render_example(tokenizer, example, recipe.stage))
+    return "\n".join(lines)

@@ -1,0 +1,169 @@
+"""The embedded default: a tiny Llama, its tokenizer and its data, all made here, offline.
+
+The data follows the UltraChat (`messages`) and UltraFeedback (`chosen`/`rejected`) schemas. The task is
+small arithmetic and word games with one right answer, so learning is measurable: SFT loss falls, and
+after DPO the model prefers the right answer (chosen) over a near miss (rejected) on held-out pairs.
+Every row is a pure function of (seed, split, index), so any worker can generate any slice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from pathlib import Path
+
+from ray_zephyr.data.chat import ZEPHYR_TEMPLATE
+
+WORDS = "apple river stone cloud tiger piano garden yellow window silver candle forest ocean rocket".split()
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
+ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
+MODEL_VERSION = "tiny-llama-v1"
+
+
+def _rng(seed: int, split: str, index: int) -> random.Random:
+    digest = hashlib.sha256(f"{seed}/{split}/{index}".encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "little"))
+
+
+def _task(rng: random.Random) -> tuple[str, str, str]:
+    """(question, right answer, near-miss answer)."""
+    kind = rng.randrange(4)
+    if kind == 0:
+        a, b = rng.randrange(10), rng.randrange(10)
+        wrong = a + b + rng.choice([-2, -1, 1, 2])
+        return f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}.", f"{a} plus {b} is {wrong}."
+    if kind == 1:
+        word = rng.choice(WORDS)
+        letters = list(word)
+        i = rng.randrange(len(letters) - 1)
+        letters[i], letters[i + 1] = letters[i + 1], letters[i]
+        near = "".join(letters[::-1]) if "".join(letters) != word else word
+        return f"Spell {word} backwards.", f"{word} backwards is {word[::-1]}.", f"{word} backwards is {near}."
+    if kind == 2:
+        nums = rng.sample(range(10), 3)
+        right = " ".join(str(n) for n in sorted(nums))
+        wrong = " ".join(str(n) for n in sorted(nums)[::-1])
+        return f"Sort {' '.join(map(str, nums))}.", f"Sorted: {right}.", f"Sorted: {wrong}."
+    word = rng.choice(WORDS)
+    other = rng.choice([w for w in WORDS if len(w) != len(word)])
+    return f"How many letters are in {word}?", f"{word} has {len(word)} letters.", f"{word} has {len(other)} letters."
+
+
+def _conversation(rng: random.Random, answers_right: bool = True) -> list[dict]:
+    turns: list[dict] = []
+    if rng.random() < 0.2:
+        turns.append({"role": "system", "content": "You are a careful assistant."})
+    for _ in range(1 + (rng.random() < 0.3)):
+        question, right, wrong = _task(rng)
+        turns += [{"role": "user", "content": question}, {"role": "assistant", "content": right if answers_right else wrong}]
+    return turns
+
+
+def chat_row(seed: int, split: str, index: int) -> dict:
+    """One row in the HuggingFaceH4/ultrachat_200k schema."""
+    messages = _conversation(_rng(seed, split, index))
+    prompt = next(m["content"] for m in messages if m["role"] == "user")
+    return {"prompt": prompt, "prompt_id": hashlib.sha256(prompt.encode()).hexdigest(), "messages": messages}
+
+
+def preference_row(seed: int, split: str, index: int) -> dict:
+    """One row in the HuggingFaceH4/ultrafeedback_binarized schema: right answer chosen, near miss rejected."""
+    rng = _rng(seed, split, index)
+    context = _conversation(rng)[:-1] if rng.random() < 0.3 else []
+    if context and context[-1]["role"] == "user":
+        context = context[:-1]
+    question, right, wrong = _task(rng)
+    prompt = [*context, {"role": "user", "content": question}]
+    chosen = [*prompt, {"role": "assistant", "content": right}]
+    rejected = [*prompt, {"role": "assistant", "content": wrong}]
+    return {
+        "prompt": question,
+        "prompt_id": hashlib.sha256(question.encode()).hexdigest(),
+        "chosen": chosen,
+        "rejected": rejected,
+        "messages": chosen,
+        "score_chosen": float(rng.choice([8, 9, 10])),
+        "score_rejected": float(rng.choice([1, 2, 3, 4])),
+    }
+
+
+def corpus(n: int = 2000, seed: int = 0) -> list[str]:
+    """Text the tokenizer is trained on: every word and number form the generator can emit."""
+    texts = []
+    for i in range(n):
+        row = preference_row(seed, "tokenizer", i)
+        texts += [m["content"] for m in row["chosen"] + row["rejected"][-1:]]
+    return texts
+
+
+def build_tokenizer():
+    """A byte-level BPE (any UTF-8 text encodes) with the Zephyr chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus(), trainer=trainer)
+    tok.add_tokens(ROLE_TOKENS)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    tokenizer.chat_template = ZEPHYR_TEMPLATE
+    return tokenizer
+
+
+def build_model(tokenizer, hidden_size: int = 64, layers: int = 2, seed: int = 0):
+    """A Llama-architecture causal LM small enough to train on a laptop CPU in minutes."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 4,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def save_embedded_model(folder: str | Path, hidden_size: int = 64, layers: int = 2) -> Path:
+    """Write the tiny model + tokenizer as a Hugging Face folder (idempotent); returns the folder."""
+    folder = Path(folder)
+    if (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer()
+    model = build_model(tokenizer, hidden_size=hidden_size, layers=layers)
+    tmp = folder.with_name(folder.name + f".tmp{random.randrange(1 << 30)}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    for item in tmp.iterdir():
+        item.replace(folder / item.name)
+    tmp.rmdir()
+    return folder
+
+
+def embedded_model_dir() -> Path:
+    return Path.home() / ".cache" / "ray_zephyr" / MODEL_VERSION
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """`embedded` becomes the tiny model's folder (made on first use); anything else is passed through."""
+    if name_or_path == "embedded":
+        return str(save_embedded_model(embedded_model_dir()))
+    return name_or_path

@@ -1,0 +1,36 @@
+"""Starting or joining Ray.
+
+On a cluster (`ray job submit`, RAY_ADDRESS, or a `ray start` head on this machine) we join it as is.
+Otherwise we start a local Ray whose logical CPUs are sized deliberately: with Ray's default of one
+logical CPU per core, two Train workers on a 2-core laptop take every CPU and the Ray Data tasks that
+feed them never get scheduled (a silent deadlock). Logical CPUs are a scheduling budget, not cores.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+LOCAL_LOGICAL_CPUS = 8
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    if ray.is_initialized():
+        return
+    logging.getLogger("ray").setLevel(logging.WARNING)
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+        return
+    try:
+        ray.init(address="auto", log_to_driver=True)
+        return
+    except ConnectionError:
+        pass
+    cpus = num_cpus or max(LOCAL_LOGICAL_CPUS, 2 * (os.cpu_count() or 1))
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True)
+
+
+def logical_cpus() -> float:
+    return ray.cluster_resources().get("CPU", 0.0)
