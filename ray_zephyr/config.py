@@ -7,6 +7,7 @@ Unknown keys and wrong types are one-line errors that name the key and the valid
 
 from __future__ import annotations
 
+import difflib
 import typing
 from importlib import resources
 from pathlib import Path
@@ -186,8 +187,11 @@ def _describe(error: dict) -> str:
     kind = error["type"]
     if kind == "extra_forbidden":
         section = _model_at(Recipe, loc[:-1])
-        valid = ", ".join(section.model_fields) if section else "?"
-        return f"unknown key {where!r}; valid keys{' in ' + repr(_dotted(loc[:-1])) if loc[:-1] else ''}: {valid}"
+        fields = list(section.model_fields) if section else []
+        close = difflib.get_close_matches(str(loc[-1]), fields, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        inside = f" in {_dotted(loc[:-1])!r}" if loc[:-1] else ""
+        return f"unknown key {where!r}{hint}; valid keys{inside}: {', '.join(fields)}"
     if kind == "missing":
         return f"missing required key {where!r}"
     if kind == "literal_error":

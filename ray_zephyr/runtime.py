@@ -8,7 +8,6 @@ feed them never get scheduled (a silent deadlock). Logical CPUs are a scheduling
 
 from __future__ import annotations
 
-import logging
 import os
 
 import ray
@@ -16,20 +15,21 @@ import ray
 LOCAL_LOGICAL_CPUS = 8
 
 
-def init_ray(num_cpus: int | None = None) -> None:
+def init_ray(num_cpus: int | None = None, join_existing: bool = True) -> None:
+    """Join the cluster this job runs on, else start a local Ray (always a new one when join_existing=False)."""
     if ray.is_initialized():
         return
-    logging.getLogger("ray").setLevel(logging.WARNING)
-    if os.environ.get("RAY_ADDRESS"):
+    if join_existing and os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
         return
-    try:
-        ray.init(address="auto", log_to_driver=True)
-        return
-    except ConnectionError:
-        pass
+    if join_existing:
+        try:
+            ray.init(address="auto", log_to_driver=True)
+            return
+        except ConnectionError:
+            pass
     cpus = num_cpus or max(LOCAL_LOGICAL_CPUS, 2 * (os.cpu_count() or 1))
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True)
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=True)
 
 
 def logical_cpus() -> float:

@@ -18,8 +18,7 @@ def ray_session():
 
     from ray_zephyr.runtime import init_ray
 
-    os.environ.pop("RAY_ADDRESS", None)
-    init_ray()
+    init_ray(join_existing=False)
     yield ray
     ray.shutdown()
 

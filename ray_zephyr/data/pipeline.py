@@ -174,7 +174,9 @@ def _build(recipe: Recipe, tokenizer, resolved: tuple[list, dict[str, float]], d
            stats, shuffle: bool) -> ray.data.Dataset:
     chunks, weights = resolved
     ds = ray.data.from_items([asdict(c) for c in chunks], override_num_blocks=len(chunks))
-    ds = ds.map_batches(read_chunk, batch_size=1)
+    # Reading is I/O-bound: a fractional CPU keeps it a separate operator from Prepare (no fusion), so one
+    # large file is read by one task while its blocks are validated and tokenized in parallel.
+    ds = ds.map_batches(read_chunk, batch_size=1, num_cpus=0.25)
     ds = ds.map_batches(
         Prepare,
         fn_constructor_kwargs=dict(recipe=recipe, tokenizer=tokenizer, dataset=dataset, weights=weights,

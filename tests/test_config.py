@@ -1,0 +1,82 @@
+"""Recipes: shipped ones load with the paper's and the handbook's numbers; overrides and errors are one line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ray_zephyr.config import load_recipe, recipe_file, shipped_recipes
+from ray_zephyr.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_recipes_load_with_zephyr_hyperparameters():
+    assert {"tiny-sft", "tiny-dpo", "zephyr-7b-beta-sft", "zephyr-7b-beta-dpo", "zephyr-7b-beta-dpo-handbook"} <= set(
+        shipped_recipes()
+    )
+    paper = load_recipe("zephyr-7b-beta-dpo")
+    assert (paper.dpo.beta, paper.train.epochs, paper.train.optimizer, paper.train.lr_scheduler) == (0.1, 3, "rmsprop", "linear")
+    assert (paper.train.lr, paper.data.max_length, paper.train.zero_stage) == (5e-7, 1024, 3)
+    handbook = load_recipe("zephyr-7b-beta-dpo-handbook")
+    assert (handbook.dpo.beta, handbook.train.epochs, handbook.train.optimizer, handbook.train.lr_scheduler) == (
+        0.01, 1, "adamw", "cosine")
+    sft = load_recipe("zephyr-7b-beta-sft")
+    assert (sft.train.lr, sft.train.lr_scheduler, sft.data.max_length, sft.model.name_or_path) == (
+        2e-5, "cosine", 2048, "mistralai/Mistral-7B-v0.1")
+    assert sft.data.train[0].path == "HuggingFaceH4/ultrachat_200k" and sft.data.train[0].split == "train_sft"
+
+
+def test_recipes_resolve_by_name_from_the_package_and_by_path(tmp_path):
+    shipped = recipe_file("tiny-sft")
+    assert shipped.parent.name == "recipes" and shipped.parent.parent.name == "ray_zephyr"
+    copy = tmp_path / "mine.yaml"
+    copy.write_text(shipped.read_text())
+    assert load_recipe(str(copy), ["train.lr=0.5"]).train.lr == 0.5
+
+
+def test_overrides_are_typed_and_reach_nested_lists():
+    recipe = load_recipe("tiny-dpo", ["dpo.beta=0.05", "data.train.0.weight=0.5", "train.num_workers=1",
+                                      "data.eval=[]", "data.eval_fraction=0.1", "model.gradient_checkpointing=true"])
+    assert recipe.dpo.beta == 0.05 and recipe.data.train[0].weight == 0.5 and recipe.train.num_workers == 1
+    assert recipe.data.eval == [] and recipe.data.eval_fraction == 0.1 and recipe.model.gradient_checkpointing is True
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.lrr=1", "unknown key 'train.lrr' (did you mean 'lr'?); valid keys in 'train': output_dir, "),
+        ("data.train.0.wieght=0.5", "unknown key 'data.train.0.wieght' (did you mean 'weight'?); valid keys in 'data.train.0': path, split, weight, rows"),
+        ("nope=1", "unknown key 'nope'; valid keys: stage, seed, model, data, train, dpo"),
+        ("train.lr=fast", "train.lr: expected number, got 'fast' (str)"),
+        ("train.num_workers=2.5", "train.num_workers: expected integer, got 2.5 (float)"),
+        ("dpo.loss_type=kto", "dpo.loss_type: must be 'sigmoid', 'ipo' or 'hinge', got 'kto'"),
+        ("data.on_bad_row=ignore", "data.on_bad_row: must be 'fail' or 'skip', got 'ignore'"),
+        ("data.train.0.weight=1.5", "weight must be in (0, 1], got 1.5"),
+        ("train.lr", "override 'train.lr' is not key=value"),
+    ],
+)
+def test_bad_recipes_give_one_line_errors(override, message):
+    with pytest.raises(UserError) as info:
+        load_recipe("tiny-sft", [override])
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_unknown_recipe_lists_the_shipped_ones():
+    with pytest.raises(UserError, match="not a file, and not one of tiny-dpo, tiny-sft"):
+        load_recipe("tiny-sfx")
+
+
+def test_cli_prints_one_line_error_and_exits_2():
+    result = subprocess.run(
+        [sys.executable, "jobs/preview.py", "--config", "tiny-sft", "train.lrr=1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: {recipe_file('tiny-sft')}: unknown key 'train.lrr' (did you mean 'lr'?); valid keys in 'train': "
+        + ", ".join(__import__("ray_zephyr.config", fromlist=["TrainConfig"]).TrainConfig.model_fields)
+    ]
