@@ -92,7 +92,7 @@ class TrainConfig(_Section):
     offload_params: bool = False
     log_every_steps: int = 10
     eval_every_steps: int = 0  # 0: only at the end
-    checkpoint_every_steps: int = 0  # 0: only at the end
+    checkpoint_every_steps: int = 0  # 0: no mid-run checkpoints (the final model is always saved)
     max_failures: int = 3
 
 

@@ -9,8 +9,11 @@ feed them never get scheduled (a silent deadlock). Logical CPUs are a scheduling
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import ray
+
+import ray_zephyr
 
 LOCAL_LOGICAL_CPUS = 8
 
@@ -29,6 +32,9 @@ def init_ray(num_cpus: int | None = None, join_existing: bool = True) -> None:
         except ConnectionError:
             pass
     cpus = num_cpus or max(LOCAL_LOGICAL_CPUS, 2 * (os.cpu_count() or 1))
+    # Workers of a local Ray inherit the environment: let them import ray_zephyr from a checkout, installed or not.
+    root = str(Path(ray_zephyr.__file__).resolve().parents[1])
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=True)
 
 

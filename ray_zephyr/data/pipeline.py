@@ -44,19 +44,29 @@ def row_hash(seed: int, salt: str, sources: np.ndarray, rows: np.ndarray) -> np.
 
 @ray.remote(num_cpus=0)
 class DataStats:
-    """The fate of every row, keyed by (dataset, source, row) so re-reading a row (next epoch) is not double counted."""
+    """The fate of every row, one byte per (dataset, source, row): re-reading a row (next epoch) overwrites it
+    instead of counting it twice, and 10M rows cost 10 MB."""
 
     def __init__(self) -> None:
-        self.fates: dict[tuple[str, str], dict[int, str]] = defaultdict(dict)
+        self.fates: dict[tuple[str, str], np.ndarray] = {}
+        self.codes: dict[str, int] = {}  # fate name -> code (0 means the row was not seen)
 
     def record(self, dataset: str, fates: list[tuple[str, int, str]]) -> None:
         for source, row, fate in fates:
-            self.fates[(dataset, source)][row] = fate
+            code = self.codes.setdefault(fate, len(self.codes) + 1)
+            seen = self.fates.setdefault((dataset, source), np.zeros(1024, dtype=np.uint8))
+            if row >= len(seen):
+                grown = np.zeros(max(row + 1, 2 * len(seen)), dtype=np.uint8)
+                grown[: len(seen)] = seen
+                seen = self.fates[(dataset, source)] = grown
+            seen[row] = code
 
     def counts(self) -> dict[str, dict[str, Counter]]:
+        names = {code: name for name, code in self.codes.items()}
         out: dict[str, dict[str, Counter]] = defaultdict(dict)
-        for (dataset, source), rows in self.fates.items():
-            out[dataset][source] = Counter(rows.values())
+        for (dataset, source), seen in self.fates.items():
+            codes, n = np.unique(seen[seen > 0], return_counts=True)
+            out[dataset][source] = Counter({names[int(c)]: int(k) for c, k in zip(codes, n)})
         return dict(out)
 
 

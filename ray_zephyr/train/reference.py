@@ -1,0 +1,51 @@
+"""DPO reference log-probs precomputed in a Ray Data batch-inference pass, before training.
+
+The reference is the frozen starting model, so its log-probs are a pure function of each row: computing
+them once (on an actor pool, one model per actor) and carrying them as `ref_chosen_logps` /
+`ref_rejected_logps` columns means no reference model sits beside the policy during training, and the
+training step does one forward instead of two.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import ray
+import torch
+
+from ray_zephyr.config import Recipe
+from ray_zephyr.data.collate import collate_preference
+from ray_zephyr.embedded import resolve_model_path
+from ray_zephyr.train.engine import load_causal_lm
+from ray_zephyr.train.losses import TokenScorer, sequence_logps
+
+
+class ReferenceScorer:
+    """Ray Data actor: adds the reference model's summed completion log-probs to each preference row."""
+
+    def __init__(self, recipe: Recipe, model_path: str, pad_token_id: int):
+        self.device = torch.device("cuda" if recipe.train.use_gpu else "cpu")
+        self.model = TokenScorer(load_causal_lm(recipe, resolve_model_path(model_path), recipe.train.use_gpu))
+        self.model.to(self.device).eval().requires_grad_(False)
+        self.data, self.pad_token_id = recipe.data, pad_token_id
+
+    @torch.no_grad()
+    def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        batch = collate_preference(rows, self.pad_token_id, self.data.max_length, self.data.truncation_mode)
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        stats = self.model(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+        chosen, rejected = sequence_logps(stats, batch["input_ids"].shape[0])
+        return rows | {"ref_chosen_logps": chosen.float().cpu().numpy(), "ref_rejected_logps": rejected.float().cpu().numpy()}
+
+
+def add_reference_logps(ds: ray.data.Dataset, recipe: Recipe, model_path: str, pad_token_id: int) -> ray.data.Dataset:
+    """`ds` with reference log-prob columns, scored by up to num_workers actors (one GPU each on GPU clusters)."""
+    train = recipe.train
+    return ds.map_batches(
+        ReferenceScorer,
+        fn_constructor_kwargs={"recipe": recipe, "model_path": model_path, "pad_token_id": pad_token_id},
+        batch_size=train.per_device_batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=train.num_workers),
+        num_gpus=1 if train.use_gpu else 0,
+        num_cpus=1,
+    )

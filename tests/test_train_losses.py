@@ -1,0 +1,115 @@
+"""Parity of our SFT and DPO losses and metrics with TRL 1.16's trainers (fp32, CPU, same model and rows)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ray_zephyr.embedded import chat_row, preference_row
+from ray_zephyr.train.losses import (
+    MetricSums,
+    TokenScorer,
+    dpo_loss,
+    dpo_metrics,
+    sequence_logps,
+    sft_loss,
+    sft_score_mask,
+)
+
+trl = pytest.importorskip("trl")
+
+
+def _first_batch(trainer) -> dict:
+    trainer.model.train()  # TRL files metrics under "train" only in training mode
+    return next(iter(trainer.get_train_dataloader()))
+
+
+def _perturbed(model_dir, seed: int):
+    """The same model with slightly different weights, so policy and reference differ."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge"])
+def test_dpo_loss_and_metrics_equal_trl(embedded_model_dir, tmp_path, loss_type):
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir)
+    policy, reference = _perturbed(embedded_model_dir, 1), AutoModelForCausalLM.from_pretrained(embedded_model_dir)
+    rows = [preference_row(0, "train", i) for i in range(6)]
+    data = Dataset.from_list([{"prompt": r["chosen"][:-1], "chosen": r["chosen"][-1:], "rejected": r["rejected"][-1:]} for r in rows])
+    args = trl.DPOConfig(
+        output_dir=str(tmp_path), per_device_train_batch_size=6, beta=0.2, loss_type=[loss_type],
+        max_length=48, report_to=[], use_cpu=True, bf16=False, fp16=False, seed=0,
+    )
+    trainer = trl.DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=data, processing_class=tokenizer)
+    batch = _first_batch(trainer)
+    assert batch["completion_mask"].sum() > 0
+    expected = trainer.compute_loss(trainer.model, batch).item()
+    trl_metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+
+    # Ours, on TRL's own batch, the same policy weights, and a resident reference.
+    policy_scorer, ref_scorer = TokenScorer(trainer.model), TokenScorer(reference)
+    inputs = (batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+    stats = policy_scorer(*inputs)
+    chosen, rejected = sequence_logps(stats, batch["input_ids"].shape[0])
+    with torch.no_grad():
+        ref_chosen, ref_rejected = sequence_logps(ref_scorer(*inputs), batch["input_ids"].shape[0])
+    per_pair = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, batch["completion_mask"], 0.2, loss_type)
+    metrics = MetricSums()
+    dpo_metrics(metrics, stats, per_pair, chosen, rejected, ref_chosen, ref_rejected, 0.2)
+    ours = metrics.means()
+
+    assert per_pair.mean().item() == pytest.approx(expected, abs=1e-5)
+    assert ours["loss"] == pytest.approx(expected, abs=1e-5)
+    for name in ["rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                 "logps/rejected", "logits/chosen", "logits/rejected", "entropy", "mean_token_accuracy"]:
+        assert ours[name] == pytest.approx(trl_metrics[name], abs=1e-5), name
+
+
+def test_sft_assistant_only_loss_equals_trl(embedded_model_dir, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(embedded_model_dir)
+    data = Dataset.from_list([{"messages": chat_row(0, "train", i)["messages"]} for i in range(6)])
+    args = trl.SFTConfig(
+        output_dir=str(tmp_path), per_device_train_batch_size=6, assistant_only_loss=True, max_length=64,
+        report_to=[], use_cpu=True, bf16=False, fp16=False, seed=0,
+    )
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    batch = _first_batch(trainer)
+    labels = batch["labels"]
+    assert 0 < (labels != -100).sum() < batch["attention_mask"].sum()  # assistant tokens only
+    expected = trainer.compute_loss(trainer.model, dict(batch)).item()
+    trl_metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+
+    stats = TokenScorer(trainer.model)(batch["input_ids"], batch["attention_mask"], sft_score_mask(labels))
+    metrics = MetricSums()
+    loss = sft_loss(stats, (labels[:, 1:] != -100).sum(), metrics)
+    assert loss.item() == pytest.approx(expected, abs=1e-5)
+    for name in ["entropy", "mean_token_accuracy"]:
+        assert metrics.means()[name] == pytest.approx(trl_metrics[name], abs=1e-5), name
+
+
+def test_sft_loss_weighs_tokens_equally_across_uneven_micro_batches(embedded_model_dir):
+    """Two micro-batches with very different token counts: summing our per-micro-batch losses (each divided
+    by the global count) gives the mean over all tokens, which a mean of micro-batch means would not."""
+    model = TokenScorer(AutoModelForCausalLM.from_pretrained(embedded_model_dir))
+    torch.manual_seed(0)
+    ids = torch.randint(10, 500, (3, 20))
+    mask = torch.ones_like(ids)
+    score = torch.zeros_like(ids)
+    score[0, 2:18] = 1
+    score[1, 15:17] = 1
+    score[2, 5:12] = 1
+    everything = model(ids, mask, score)
+    total = everything.logps.numel()
+    reference = -everything.logps.mean()
+    parts = [model(ids[:1], mask[:1], score[:1]), model(ids[1:], mask[1:], score[1:])]
+    summed = sum(sft_loss(p, total, MetricSums()) for p in parts)
+    assert summed.item() == pytest.approx(reference.item(), abs=1e-6)
+    mean_of_means = sum(-p.logps.mean() for p in parts) / 2
+    assert abs(mean_of_means.item() - reference.item()) > 1e-3

@@ -1,0 +1,60 @@
+"""The training step without Ray (world size 1, DeepSpeed ZeRO-3 on CPU): reference modes and schedules."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ray_zephyr.config import load_recipe
+from ray_zephyr.data.tokenize import load_tokenizer, tokenize_preference
+from ray_zephyr.embedded import preference_row
+from ray_zephyr.train.engine import build_engine, build_reference, deepspeed_config, init_single_process
+from ray_zephyr.train.reference import ReferenceScorer
+from ray_zephyr.train.step import Stepper, make_objective
+
+
+def _rows(recipe, tokenizer, n: int) -> dict:
+    examples = []
+    for i in range(n):
+        row = preference_row(0, "train", i)
+        examples.append({"prompt": row["chosen"][:-1], "chosen": row["chosen"][-1:], "rejected": row["rejected"][-1:]})
+    tokenized = tokenize_preference(tokenizer, examples, recipe.data.max_length, "keep_start", False)
+    return {k: np.array([np.array(t[k]) for t in tokenized], dtype=object) for k in tokenized[0]}
+
+
+def test_precomputed_and_resident_reference_give_the_same_loss(embedded_model_dir):
+    """(b) reference log-probs from the Ray Data scorer == (a) a resident frozen ZeRO-3 engine, step for step."""
+    init_single_process()
+    overrides = ["train.num_workers=1", "train.global_batch_size=8", "train.per_device_batch_size=4",
+                 f"model.name_or_path={embedded_model_dir}", "dpo.beta=0.5", "train.warmup_ratio=0"]
+    recipe = load_recipe("tiny-dpo", overrides)
+    tokenizer = load_tokenizer(recipe)
+    rows = _rows(recipe, tokenizer, 16)
+    micro = [{k: v[i : i + 4] for k, v in rows.items()} for i in range(0, 16, 4)]
+
+    scorer = ReferenceScorer(recipe, str(embedded_model_dir), tokenizer.pad_token_id)
+    precomputed = [scorer(m) for m in micro]
+    runs = {}
+    for mode, batches in [("precomputed", precomputed), ("resident", micro)]:
+        reference = build_reference(recipe, str(embedded_model_dir)) if mode == "resident" else None
+        engine = build_engine(recipe, str(embedded_model_dir), total_steps=2)
+        stepper = Stepper(engine, make_objective(recipe, tokenizer.pad_token_id, reference))
+        runs[mode] = [stepper.train_step(batches[0:2]), stepper.train_step(batches[2:4])]
+    assert runs["precomputed"][0]["loss"] == pytest.approx(np.log(2), abs=1e-5)  # policy == reference at step 1
+    for step in range(2):
+        for name in ("loss", "rewards/margins", "rewards/chosen", "logps/rejected", "grad_norm"):
+            assert runs["precomputed"][step][name] == pytest.approx(runs["resident"][step][name], abs=1e-5), name
+    assert runs["precomputed"][1]["rewards/margins"] != 0.0
+
+
+def test_deepspeed_config_follows_the_recipe():
+    recipe = load_recipe("zephyr-7b-beta-dpo", ["train.offload_optimizer=true"])
+    config = deepspeed_config(recipe.train)
+    assert config["gradient_accumulation_steps"] == 64 // (4 * 16)
+    assert config["bf16"] == {"enabled": True} and config["zero_optimization"]["stage"] == 3
+    assert config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert "optimizer" not in config and config["zero_allow_untested_optimizer"]  # rmsprop: a torch optimizer
+    reference = deepspeed_config(recipe.train, training=False)
+    assert "optimizer" not in reference and "offload_optimizer" not in reference["zero_optimization"]
+    cpu = deepspeed_config(load_recipe("tiny-sft").train)
+    assert cpu["bf16"] == {"enabled": False} and cpu["optimizer"]["params"]["torch_adam"]
