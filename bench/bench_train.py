@@ -17,21 +17,32 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-BATCH, MAX_LENGTH = 8, 256
+BATCH, MAX_LENGTH = 8, 512
 
 
 def rows(stage: str, n: int) -> list[dict]:
+    """Real UltraChat / UltraFeedback rows from ../shared/data (cycled), long enough to fill max_length; the
+    embedded rows (short) when the samples are absent."""
+    from ray_zephyr.data.validate import Invalid, preference_example
     from ray_zephyr.embedded import chat_row, preference_row
 
+    shared = ROOT.parent / "shared" / "data"
     if stage == "sft":
-        return [{"messages": chat_row(0, "train", i)["messages"]} for i in range(n)]
-    out = []
-    for i in range(n):
-        r = preference_row(0, "train", i)
-        out.append({"prompt": r["chosen"][:-1], "chosen": r["chosen"][-1:], "rejected": r["rejected"][-1:]})
-    return out
+        file = shared / "ultrachat_200k" / "sample_16.jsonl"
+        base = [json.loads(x) for x in file.read_text().splitlines()] if file.exists() else [chat_row(0, "b", i) for i in range(64)]
+        return [{"messages": base[i % len(base)]["messages"]} for i in range(n)]
+    file = shared / "ultrafeedback_binarized" / "train_prefs_1000.jsonl"
+    raw = [json.loads(x) for x in file.read_text().splitlines()] if file.exists() else [preference_row(0, "b", i) for i in range(64)]
+    base = []
+    for row in raw:
+        try:
+            base.append(preference_example(row))
+        except Invalid:
+            pass
+    return [base[i % len(base)] for i in range(n)]
 
 
 def model_dir(hidden: int, layers: int) -> str:
@@ -45,6 +56,7 @@ def run_ours(stage: str, path: str, steps: int) -> dict:
 
     from ray_zephyr.config import load_recipe
     from ray_zephyr.data.tokenize import load_tokenizer, tokenize_preference, tokenize_sft
+    from ray_zephyr.data.validate import Invalid
     from ray_zephyr.train.engine import build_engine, init_single_process
     from ray_zephyr.train.reference import ReferenceScorer
     from ray_zephyr.train.step import Stepper, make_objective
@@ -55,7 +67,8 @@ def run_ours(stage: str, path: str, steps: int) -> dict:
                                             f"data.max_length={MAX_LENGTH}", "train.lr=1.0e-4"])
     tokenizer = load_tokenizer(recipe)
     tokenize = tokenize_sft if stage == "sft" else tokenize_preference
-    tokenized = tokenize(tokenizer, rows(stage, BATCH * (steps + 2)), MAX_LENGTH, "keep_start", False)
+    tokenized = [t for t in tokenize(tokenizer, rows(stage, BATCH * (steps + 2)), MAX_LENGTH, "keep_start", False)
+                 if not isinstance(t, Invalid)]  # the rows TRL drops too (no assistant token / prompt too long)
     batches = [{k: np.array([np.array(t[k]) for t in tokenized[i:i + BATCH]], dtype=object) for k in tokenized[0]}
                for i in range(0, len(tokenized), BATCH)]
     if stage == "dpo":  # what the Ray Data reference pass adds before training (not timed: done once, off the step)

@@ -1,6 +1,7 @@
 """Starting or joining Ray.
 
-On a cluster (`ray job submit`, RAY_ADDRESS, or a `ray start` head on this machine) we join it as is.
+On a cluster (`ray job submit`, RAY_ADDRESS, or a `ray start` head on this machine) we join it as is; other
+Ray instances that happen to run on the machine (another program's private local Ray) are not joined.
 Otherwise we start a local Ray whose logical CPUs are sized deliberately: with Ray's default of one
 logical CPU per core, two Train workers on a 2-core laptop take every CPU and the Ray Data tasks that
 feed them never get scheduled (a silent deadlock). Logical CPUs are a scheduling budget, not cores.
@@ -12,6 +13,7 @@ import os
 from pathlib import Path
 
 import ray
+from ray._private.services import find_bootstrap_address
 
 import ray_zephyr
 
@@ -19,18 +21,17 @@ LOCAL_LOGICAL_CPUS = 8
 
 
 def init_ray(num_cpus: int | None = None, join_existing: bool = True) -> None:
-    """Join the cluster this job runs on, else start a local Ray (always a new one when join_existing=False)."""
+    """Join the cluster this job runs on (RAY_ADDRESS, as `ray job submit` sets, or the head `ray start` made on
+    this machine), else start a local Ray; always a new local one when join_existing=False."""
     if ray.is_initialized():
         return
-    if join_existing and os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
-        return
-    if join_existing:
+    if join_existing and (os.environ.get("RAY_ADDRESS") or find_bootstrap_address(None)):
         try:
-            ray.init(address="auto", log_to_driver=True)
+            ray.init(log_to_driver=True)
             return
-        except ConnectionError:
-            pass
+        except ConnectionError:  # a stale address of a head that has gone
+            if os.environ.get("RAY_ADDRESS"):
+                raise
     cpus = num_cpus or max(LOCAL_LOGICAL_CPUS, 2 * (os.cpu_count() or 1))
     # Workers of a local Ray inherit the environment: let them import ray_zephyr from a checkout, installed or not.
     root = str(Path(ray_zephyr.__file__).resolve().parents[1])

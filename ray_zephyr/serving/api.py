@@ -1,0 +1,85 @@
+"""The HTTP routes: POST /v1/chat/completions (JSON or SSE), GET /v1/models, GET /health.
+
+Every error, ours or the framework's (unknown route, wrong method), leaves as an OpenAI error body.
+With an API key set, every /v1 route needs `Authorization: Bearer <key>`; /health stays open so load
+balancers and probes can reach it.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from ray_zephyr.serving.protocol import OpenAIError, parse_request
+from ray_zephyr.serving.service import ChatService, Prepared
+
+logger = logging.getLogger(__name__)
+
+
+def _error_response(error: OpenAIError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status)
+
+
+def _authorized(request: Request, api_key: str) -> bool:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode())
+
+
+async def _sse(service: ChatService, prepared: Prepared) -> AsyncIterator[str]:
+    try:
+        async for chunk in service.stream(prepared):
+            yield f"data: {chunk.model_dump_json(exclude_unset=True)}\n\n"
+    except Exception:  # noqa: BLE001 - headers are sent: the error can only travel as an event
+        logger.exception("generation failed mid-stream (request %s)", prepared.id)
+        yield f"data: {json.dumps(OpenAIError(500, 'generation failed', type='server_error').body())}\n\n"
+        return
+    yield "data: [DONE]\n\n"
+
+
+def build_api(service: ChatService, api_key: str | None = None) -> FastAPI:
+    app = FastAPI(title="ray-zephyr chat", docs_url=None, redoc_url=None)
+
+    @app.middleware("http")
+    async def require_key(request: Request, call_next):
+        if api_key and request.url.path.startswith("/v1") and not _authorized(request, api_key):
+            return _error_response(OpenAIError(401, "missing or wrong API key (send Authorization: Bearer <key>)",
+                                               code="invalid_api_key"))
+        return await call_next(request)
+
+    @app.exception_handler(OpenAIError)
+    async def openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
+        return _error_response(exc)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
+        return _error_response(OpenAIError(exc.status_code, str(exc.detail)))
+
+    @app.exception_handler(Exception)
+    async def server_error(_: Request, exc: Exception) -> JSONResponse:
+        logger.exception("request failed", exc_info=exc)
+        return _error_response(OpenAIError(500, "internal server error", type="server_error"))
+
+    @app.get("/health")
+    async def health() -> dict:
+        await service.engine.check_health()
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return service.models()
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        prepared = service.prepare(parse_request(await request.body()))
+        if prepared.request.stream:
+            return StreamingResponse(_sse(service, prepared), media_type="text/event-stream")
+        completion = await service.complete(prepared)
+        return Response(completion.model_dump_json(exclude_unset=True), media_type="application/json")
+
+    return app

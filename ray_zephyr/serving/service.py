@@ -1,0 +1,121 @@
+"""Chat completions over any engine: chat template in, OpenAI `ChatCompletion`(`Chunk`)s out.
+
+Shared by both engines, so everything a client sees (prompt rendering, limits, usage counts, stream
+framing) is tested on CPU. The prompt is rendered with the model folder's own chat template, the same
+one training used, and tokenized without extra special tokens (the template carries them).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from jinja2 import TemplateError
+from openai.types import CompletionUsage, Model
+from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessage
+from openai.types.chat.chat_completion import Choice
+from openai.types.chat.chat_completion_chunk import Choice as ChunkChoice
+from openai.types.chat.chat_completion_chunk import ChoiceDelta
+
+from ray_zephyr.serving.engine import Engine, Piece, Sampling
+from ray_zephyr.serving.protocol import ChatRequest, OpenAIError
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A validated request, its prompt tokens and how to sample."""
+
+    request: ChatRequest
+    prompt_ids: list[int]
+    sampling: Sampling
+    id: str
+    created: int
+
+
+class ChatService:
+    def __init__(self, engine: Engine, model_name: str, max_n: int):
+        self.engine, self.model_name, self.max_n = engine, model_name, max_n
+        self.created = int(time.time())
+
+    def models(self) -> dict:
+        model = Model(id=self.model_name, created=self.created, object="model", owned_by="ray-zephyr")
+        return {"object": "list", "data": [model.model_dump(exclude_none=True)]}
+
+    def prepare(self, request: ChatRequest) -> Prepared:
+        """Check the request against this model and render its prompt; OpenAIError if it cannot run."""
+        if request.model != self.model_name:
+            raise OpenAIError(404, f"model {request.model!r} does not exist; this server serves {self.model_name!r}",
+                              param="model", code="model_not_found")
+        if request.n > self.max_n:
+            raise OpenAIError(400, f"n is {request.n}; this server allows at most {self.max_n}", param="n")
+        prompt_ids = self.render(request)
+        context = self.engine.context_length
+        room = context - len(prompt_ids)
+        if room <= 0:
+            raise OpenAIError(400, f"the prompt is {len(prompt_ids)} tokens; the model's context is {context}",
+                              param="messages", code="context_length_exceeded")
+        limit = request.token_limit
+        if limit is not None and limit > room:
+            raise OpenAIError(
+                400,
+                f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({limit}) exceeds the model's context "
+                f"({context} tokens)",
+                param="max_tokens", code="context_length_exceeded",
+            )
+        sampling = Sampling(max_tokens=limit or room, temperature=request.temperature, top_p=request.top_p,
+                            n=request.n, stop=tuple(request.stop), seed=request.seed)
+        return Prepared(request, prompt_ids, sampling, f"chatcmpl-{uuid.uuid4().hex}", int(time.time()))
+
+    def render(self, request: ChatRequest) -> list[int]:
+        tokenizer = self.engine.tokenizer
+        messages = [m.model_dump() for m in request.messages]
+        try:
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except TemplateError as exc:
+            raise OpenAIError(400, f"the model's chat template rejected the messages: {exc}",
+                              param="messages") from None
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _pieces(self, prepared: Prepared) -> AsyncIterator[list[Piece]]:
+        return self.engine.generate(prepared.prompt_ids, prepared.sampling, prepared.id)
+
+    def _usage(self, prepared: Prepared, completion_tokens: int) -> CompletionUsage:
+        prompt = len(prepared.prompt_ids)
+        return CompletionUsage(prompt_tokens=prompt, completion_tokens=completion_tokens,
+                               total_tokens=prompt + completion_tokens)
+
+    async def complete(self, prepared: Prepared) -> ChatCompletion:
+        n = prepared.sampling.n
+        texts, finish, tokens = [""] * n, ["stop"] * n, 0
+        async for pieces in self._pieces(prepared):
+            for piece in pieces:
+                texts[piece.index] += piece.text
+                tokens += piece.tokens
+                finish[piece.index] = piece.finish_reason or finish[piece.index]
+        choices = [
+            Choice(index=i, message=ChatCompletionMessage(role="assistant", content=texts[i]),
+                   finish_reason=finish[i], logprobs=None)
+            for i in range(n)
+        ]
+        return ChatCompletion(id=prepared.id, object="chat.completion", created=prepared.created,
+                              model=self.model_name, choices=choices, usage=self._usage(prepared, tokens))
+
+    async def stream(self, prepared: Prepared) -> AsyncIterator[ChatCompletionChunk]:
+        """The role first, then text deltas, a finish reason per choice, and usage last if asked for."""
+
+        def chunk(choices: list[ChunkChoice], usage: CompletionUsage | None = None) -> ChatCompletionChunk:
+            extra = {"usage": usage} if usage else {}
+            return ChatCompletionChunk(id=prepared.id, object="chat.completion.chunk", created=prepared.created,
+                                       model=self.model_name, choices=choices, **extra)
+
+        yield chunk([ChunkChoice(index=i, delta=ChoiceDelta(role="assistant", content=""), finish_reason=None)
+                     for i in range(prepared.sampling.n)])
+        tokens = 0
+        async for pieces in self._pieces(prepared):
+            tokens += sum(p.tokens for p in pieces)
+            yield chunk([ChunkChoice(index=p.index, delta=ChoiceDelta(content=p.text), finish_reason=p.finish_reason)
+                         for p in pieces])
+        if prepared.request.include_usage:
+            yield chunk([], self._usage(prepared, tokens))

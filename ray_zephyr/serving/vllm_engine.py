@@ -1,0 +1,66 @@
+"""The GPU engine: vLLM's async engine (continuous batching), behind the same interface.
+
+vLLM is an optional, GPU-only extra (`pip install ray-zephyr[vllm]`), imported only here and only when
+the engine is built. `sampling_params_kwargs` is kept pure so that the request -> SamplingParams mapping
+is tested without vLLM; the rest of this module runs only on a GPU machine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ray_zephyr.errors import UserError
+from ray_zephyr.serving.engine import FinishReason, Piece, Sampling
+
+
+def sampling_params_kwargs(sampling: Sampling) -> dict[str, Any]:
+    """Keyword arguments for `vllm.SamplingParams`; outputs come as deltas, stop text stays out."""
+    return {
+        "n": sampling.n,
+        "max_tokens": sampling.max_tokens,
+        "temperature": sampling.temperature,
+        "top_p": sampling.top_p,
+        "stop": list(sampling.stop),
+        "seed": sampling.seed,
+        "include_stop_str_in_output": False,
+        "skip_special_tokens": True,
+    }
+
+
+def finish_reason(vllm_reason: str | None) -> FinishReason | None:
+    """vLLM ends a sequence with stop, length or abort; OpenAI clients know stop and length."""
+    if vllm_reason is None:
+        return None
+    return "length" if vllm_reason == "length" else "stop"
+
+
+class VLLMEngine:
+    """Serves a Hugging Face folder with `vllm.v1.engine.async_llm.AsyncLLM` on the replica's GPU."""
+
+    def __init__(self, model_dir: str, engine_args: dict[str, Any]):
+        try:
+            from vllm import SamplingParams
+            from vllm.engine.arg_utils import AsyncEngineArgs
+            from vllm.sampling_params import RequestOutputKind
+            from vllm.v1.engine.async_llm import AsyncLLM
+        except ImportError as exc:
+            raise UserError(f"engine vllm needs vLLM on a GPU node (pip install 'ray-zephyr[vllm]'): {exc}") from exc
+        from transformers import AutoTokenizer
+
+        self._params = lambda sampling: SamplingParams(**sampling_params_kwargs(sampling),
+                                                       output_kind=RequestOutputKind.DELTA)
+        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=model_dir, **engine_args))
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.context_length = self.engine.model_config.max_model_len
+
+    async def generate(self, prompt_ids: list[int], sampling: Sampling, request_id: str) -> AsyncIterator[list[Piece]]:
+        from vllm.inputs import TokensPrompt
+
+        prompt = TokensPrompt(prompt_token_ids=prompt_ids)
+        # Closing this generator (client gone) aborts the request inside vLLM.
+        async for output in self.engine.generate(prompt, self._params(sampling), request_id):
+            yield [Piece(c.index, c.text, len(c.token_ids), finish_reason(c.finish_reason)) for c in output.outputs]
+
+    async def check_health(self) -> None:
+        await self.engine.check_health()

@@ -1,0 +1,120 @@
+"""The transformers engine and the shared service, in-process on the tiny model: greedy decoding
+matches `model.generate`, stop sequences and end-of-sequence finish a choice, streaming adds up to the
+plain answer, and concurrent requests interleave without disturbing each other."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+import torch
+
+from ray_zephyr.errors import UserError
+from ray_zephyr.serving.api import build_api
+from ray_zephyr.serving.engine import load_engine
+from ray_zephyr.serving.protocol import ChatRequest
+from ray_zephyr.serving.service import ChatService
+from ray_zephyr.serving.settings import ServeSettings
+
+HELLO = [{"role": "user", "content": "Spell river backwards."}]
+
+
+@pytest.fixture(scope="module")
+def service(embedded_model_dir) -> ChatService:
+    settings = ServeSettings(model=str(embedded_model_dir), engine="transformers", num_gpus=0)
+    return ChatService(load_engine(settings), "tiny", max_n=4)
+
+
+def _prepare(service: ChatService, **fields):
+    return service.prepare(ChatRequest(model="tiny", messages=HELLO, **fields))
+
+
+def _complete(service: ChatService, **fields):
+    return asyncio.run(service.complete(_prepare(service, **fields)))
+
+
+def _stream_text(service: ChatService, **fields) -> tuple[list[str], list[str | None], int]:
+    async def collect():
+        texts, finish, usage = [""] * fields.get("n", 1), [None] * fields.get("n", 1), None
+        async for chunk in service.stream(_prepare(service, stream_options={"include_usage": True}, **fields)):
+            usage = chunk.usage or usage
+            for choice in chunk.choices:
+                texts[choice.index] += choice.delta.content or ""
+                finish[choice.index] = choice.finish_reason or finish[choice.index]
+        return texts, finish, usage.completion_tokens
+
+    return asyncio.run(collect())
+
+
+def test_greedy_matches_transformers_generate(service):
+    engine = service.engine
+    prompt = _prepare(service, max_tokens=12).prompt_ids
+    with torch.inference_mode():
+        out = engine.model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)[0, len(prompt):]
+    expected = engine.tokenizer.decode([t for t in out.tolist() if t not in engine.eos_ids], skip_special_tokens=True)
+
+    answer = _complete(service, temperature=0, max_tokens=12)
+    assert answer.choices[0].message.content == expected
+    assert answer.usage.completion_tokens == len(out)
+
+
+def test_stop_sequence_is_cut_out_in_both_modes(service):
+    greedy = _complete(service, temperature=0, max_tokens=16).choices[0].message.content
+    stop = greedy[5:7]
+    assert stop and len(greedy) > 8
+    cut = _complete(service, temperature=0, max_tokens=16, stop=[stop]).choices[0]
+    assert cut.message.content == greedy[:greedy.index(stop)] and cut.finish_reason == "stop"
+    texts, finish, _ = _stream_text(service, temperature=0, max_tokens=16, stop=[stop])
+    assert texts == [cut.message.content] and finish == ["stop"]
+
+
+def test_end_of_sequence_finishes_a_choice(service):
+    engine = service.engine
+    prompt = _prepare(service).prompt_ids
+    with torch.inference_mode():
+        third = engine.model.generate(torch.tensor([prompt]), max_new_tokens=3, do_sample=False)[0, -1].item()
+    saved = engine.eos_ids  # make the third greedy token an end-of-sequence token
+    engine.eos_ids = saved | {third}
+    try:
+        answer = _complete(service, temperature=0, max_tokens=16)
+    finally:
+        engine.eos_ids = saved
+    choice = answer.choices[0]
+    assert choice.finish_reason == "stop" and answer.usage.completion_tokens <= 3
+
+
+def test_stream_adds_up_to_the_plain_answer(service):
+    plain = _complete(service, n=3, seed=3, max_tokens=10, temperature=1.2)
+    texts, finish, tokens = _stream_text(service, n=3, seed=3, max_tokens=10, temperature=1.2)
+    assert texts == [c.message.content for c in plain.choices]
+    assert finish == [c.finish_reason for c in plain.choices] == ["length"] * 3
+    assert tokens == plain.usage.completion_tokens == 30
+
+
+def test_concurrent_requests_do_not_disturb_each_other(service):
+    seeds = range(6)
+    alone = [_complete(service, seed=s, max_tokens=8).choices[0].message.content for s in seeds]
+
+    async def together():
+        answers = await asyncio.gather(*(service.complete(_prepare(service, seed=s, max_tokens=8)) for s in seeds))
+        return [a.choices[0].message.content for a in answers]
+
+    assert asyncio.run(together()) == alone
+    assert len(set(alone)) > 1
+
+
+def test_api_without_a_key_is_open(service):
+    async def call():
+        transport = httpx.ASGITransport(app=build_api(service))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            return await http.get("/v1/models"), await http.get("/v1/nowhere")
+
+    models, missing = asyncio.run(call())
+    assert models.status_code == 200 and models.json()["data"][0]["id"] == "tiny"
+    assert missing.status_code == 404 and missing.json()["error"]["message"] == "Not Found"
+
+
+def test_missing_model_folder_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="not a Hugging Face model folder"):
+        load_engine(ServeSettings(model=str(tmp_path / "nothing"), engine="transformers", num_gpus=0))
