@@ -8,13 +8,14 @@ Unknown keys and wrong types are one-line errors that name the key and the valid
 from __future__ import annotations
 
 import difflib
+import re
 import typing
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ray_zephyr.errors import UserError
 
@@ -50,7 +51,7 @@ class DataConfig(_Section):
     truncation_mode: Literal["keep_start", "keep_end"] = "keep_start"
     on_bad_row: Literal["fail", "skip"] = "fail"
     shuffle: bool = True
-    stall_timeout_s: float = 600.0  # no batch for this long: fail with a message instead of hanging
+    stall_timeout_s: float = Field(600.0, gt=0)  # no batch for this long: fail with a message instead of hanging
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
@@ -75,31 +76,31 @@ class ModelConfig(_Section):
 class TrainConfig(_Section):
     output_dir: str
     storage_path: str | None = None  # Ray Train checkpoints: local folder or cloud URI; default output_dir/ray
-    num_workers: int = 1
+    num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
-    epochs: int = 1
+    epochs: int = Field(1, ge=1)
     max_steps: int = -1
-    global_batch_size: int = 8
-    per_device_batch_size: int = 8
-    lr: float = 2e-5
+    global_batch_size: int = Field(8, ge=1)
+    per_device_batch_size: int = Field(8, ge=1)
+    lr: float = Field(2e-5, gt=0)
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_ratio: float = 0.1
+    warmup_ratio: float = Field(0.1, ge=0, le=1)
     optimizer: Literal["adamw", "rmsprop"] = "adamw"
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
     zero_stage: Literal[2, 3] = 3
     offload_optimizer: bool = False
     offload_params: bool = False
-    log_every_steps: int = 10
-    eval_every_steps: int = 0  # 0: only at the end
-    checkpoint_every_steps: int = 0  # 0: no mid-run checkpoints (the final model is always saved)
-    max_failures: int = 3
+    log_every_steps: int = Field(10, ge=1)
+    eval_every_steps: int = Field(0, ge=0)  # 0: only at the end
+    checkpoint_every_steps: int = Field(0, ge=0)  # 0: no mid-run checkpoints (the final model is always saved)
+    max_failures: int = Field(3, ge=0)
 
 
 class DPOConfig(_Section):
-    beta: float = 0.1
+    beta: float = Field(0.1, gt=0)
     loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
-    label_smoothing: float = 0.0
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # conservative DPO (sigmoid only)
     reference: Literal["precomputed", "resident"] = "precomputed"
 
 
@@ -110,6 +111,21 @@ class Recipe(_Section):
     data: DataConfig
     train: TrainConfig
     dpo: DPOConfig = DPOConfig()
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-5` (no dot) as a string; recipes mean a number, as in YAML 1.2."""
+
+
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 RECIPES_DIR = resources.files("ray_zephyr") / "recipes"
@@ -133,7 +149,7 @@ def recipe_file(name_or_path: str) -> Path:
 def load_recipe(name_or_path: str, overrides: list[str] = ()) -> Recipe:
     path = recipe_file(name_or_path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = _yaml(path.read_text())
     except yaml.YAMLError as exc:
         raise UserError(f"recipe {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(raw, dict):
@@ -149,7 +165,7 @@ def apply_override(raw: dict, override: str) -> None:
     if not sep or not key:
         raise UserError(f"override {override!r} is not key=value (e.g. train.lr=1e-5)")
     try:
-        value = yaml.safe_load(text)
+        value = _yaml(text)
     except yaml.YAMLError:
         value = text
     node: Any = raw
@@ -198,7 +214,7 @@ def _describe(error: dict) -> str:
         return f"{where}: {error['msg'].replace('Input should be', 'must be')}, got {error['input']!r}"
     if kind == "value_error":
         return f"{where + ': ' if where else ''}{error['msg'].removeprefix('Value error, ')}"
-    expected = error["msg"].replace("Input should be a valid ", "expected ").replace("Input should be ", "expected ")
+    expected = error["msg"].replace("Input should be a valid ", "expected ").replace("Input should be ", "must be ")
     return f"{where}: {expected}, got {error['input']!r} ({type(error['input']).__name__})"
 
 

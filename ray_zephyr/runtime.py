@@ -38,6 +38,3 @@ def init_ray(num_cpus: int | None = None, join_existing: bool = True) -> None:
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=True)
 
-
-def logical_cpus() -> float:
-    return ray.cluster_resources().get("CPU", 0.0)

@@ -38,6 +38,13 @@ def test_recipes_resolve_by_name_from_the_package_and_by_path(tmp_path):
     assert load_recipe(str(copy), ["train.lr=0.5"]).train.lr == 0.5
 
 
+def test_exponent_floats_are_numbers_in_overrides_and_files(tmp_path):
+    assert load_recipe("tiny-sft", ["train.lr=1e-5"]).train.lr == 1e-5  # YAML 1.1 would read a string
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(recipe_file("tiny-sft").read_text().replace("lr: 3.0e-3", "lr: 3e-3"))
+    assert load_recipe(str(recipe)).train.lr == 3e-3
+
+
 def test_overrides_are_typed_and_reach_nested_lists():
     recipe = load_recipe("tiny-dpo", ["dpo.beta=0.05", "data.train.0.weight=0.5", "train.num_workers=1",
                                       "data.eval=[]", "data.eval_fraction=0.1", "model.gradient_checkpointing=true"])
@@ -57,6 +64,9 @@ def test_overrides_are_typed_and_reach_nested_lists():
         ("data.on_bad_row=ignore", "data.on_bad_row: must be 'fail' or 'skip', got 'ignore'"),
         ("data.train.0.weight=1.5", "weight must be in (0, 1], got 1.5"),
         ("train.lr", "override 'train.lr' is not key=value"),
+        ("train.num_workers=0", "train.num_workers: must be greater than or equal to 1, got 0"),
+        ("dpo.beta=0", "dpo.beta: must be greater than 0, got 0"),
+        ("train.warmup_ratio=2", "train.warmup_ratio: must be less than or equal to 1, got 2"),
     ],
 )
 def test_bad_recipes_give_one_line_errors(override, message):

@@ -109,7 +109,9 @@ def test_models_and_health(client, base_url):
 def test_api_key_required(base_url, headers):
     body = {"model": MODEL, "messages": HELLO, "max_tokens": 2}
     for response in (httpx.post(f"{base_url}/v1/chat/completions", json=body, headers=headers),
-                     httpx.get(f"{base_url}/v1/models", headers=headers)):
+                     httpx.get(f"{base_url}/v1/models", headers=headers),
+                     httpx.get(f"{base_url}/v1//models", headers=headers),  # no path trick gets around the key
+                     httpx.get(f"{base_url}/openapi.json", headers=headers)):
         assert response.status_code == 401
         assert response.json()["error"]["code"] == "invalid_api_key"
 
@@ -139,6 +141,7 @@ BAD_REQUESTS = {
     "temperature out of range": (_body(temperature=7), 400, "temperature"),
     "too many stop sequences": (_body(stop=["a", "b", "c", "d", "e"]), 400, "stop"),
     "tools": (_body(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools"),
+    "seed beyond 64 bits": (_body(seed=2**64), 400, "seed"),
 }
 
 

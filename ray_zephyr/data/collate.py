@@ -18,10 +18,8 @@ def _truncate(seq: Sequence, max_length: int | None, mode: str) -> Sequence:
     return seq[:max_length] if mode == "keep_start" else seq[-max_length:]
 
 
-def _pad(rows: list[Sequence[int]], value: int, multiple_of: int | None = None) -> torch.Tensor:
+def _pad(rows: list[Sequence[int]], value: int) -> torch.Tensor:
     length = max(len(r) for r in rows)
-    if multiple_of:
-        length = -(-length // multiple_of) * multiple_of
     out = torch.full((len(rows), length), value, dtype=torch.long)
     for i, r in enumerate(rows):
         out[i, : len(r)] = torch.as_tensor(np.asarray(r, dtype=np.int64))
@@ -33,7 +31,6 @@ def collate_preference(
     pad_token_id: int,
     max_length: int | None = None,
     truncation_mode: str = "keep_start",
-    pad_to_multiple_of: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Columns `prompt_ids`, `chosen_ids`, `rejected_ids` (+ optional ref log-probs) -> a [chosen; rejected] batch."""
     sequences, masks = [], []
@@ -43,9 +40,9 @@ def collate_preference(
             sequences.append(_truncate(prompt + completion, max_length, truncation_mode))
             masks.append(_truncate([0] * len(prompt) + [1] * len(completion), max_length, truncation_mode))
     batch = {
-        "input_ids": _pad(sequences, pad_token_id, pad_to_multiple_of),
-        "attention_mask": _pad([[1] * len(s) for s in sequences], 0, pad_to_multiple_of),
-        "completion_mask": _pad(masks, 0, pad_to_multiple_of),
+        "input_ids": _pad(sequences, pad_token_id),
+        "attention_mask": _pad([[1] * len(s) for s in sequences], 0),
+        "completion_mask": _pad(masks, 0),
     }
     for key in ("ref_chosen_logps", "ref_rejected_logps"):
         if key in rows:
@@ -53,11 +50,11 @@ def collate_preference(
     return batch
 
 
-def collate_sft(rows: dict[str, Sequence], pad_token_id: int, pad_to_multiple_of: int | None = None) -> dict:
+def collate_sft(rows: dict[str, Sequence], pad_token_id: int) -> dict:
     """Columns `input_ids`, `labels` (already truncated, -100 off the assistant turns) -> a padded batch."""
     input_ids = [list(r) for r in rows["input_ids"]]
     return {
-        "input_ids": _pad(input_ids, pad_token_id, pad_to_multiple_of),
-        "attention_mask": _pad([[1] * len(r) for r in input_ids], 0, pad_to_multiple_of),
-        "labels": _pad([list(r) for r in rows["labels"]], -100, pad_to_multiple_of),
+        "input_ids": _pad(input_ids, pad_token_id),
+        "attention_mask": _pad([[1] * len(r) for r in input_ids], 0),
+        "labels": _pad([list(r) for r in rows["labels"]], -100),
     }

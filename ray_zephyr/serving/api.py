@@ -1,8 +1,8 @@
 """The HTTP routes: POST /v1/chat/completions (JSON or SSE), GET /v1/models, GET /health.
 
 Every error, ours or the framework's (unknown route, wrong method), leaves as an OpenAI error body.
-With an API key set, every /v1 route needs `Authorization: Bearer <key>`; /health stays open so load
-balancers and probes can reach it.
+With an API key set, every route but /health needs `Authorization: Bearer <key>`; /health stays open so
+load balancers and probes can reach it.
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ def build_api(service: ChatService, api_key: str | None = None) -> FastAPI:
 
     @app.middleware("http")
     async def require_key(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1") and not _authorized(request, api_key):
+        # Every route but the health probe, wherever Serve mounts the app (route_prefix, root_path).
+        if api_key and not request.url.path.rstrip("/").endswith("/health") and not _authorized(request, api_key):
             return _error_response(OpenAIError(401, "missing or wrong API key (send Authorization: Bearer <key>)",
                                                code="invalid_api_key"))
         return await call_next(request)

@@ -73,7 +73,7 @@ class ChatRequest(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1)
     stop: Annotated[list[str], BeforeValidator(_stop_list)] = Field(default_factory=list)
     n: int = Field(1, ge=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)  # what torch and vLLM generators take
     stream: bool = False
     stream_options: StreamOptions | None = None
 

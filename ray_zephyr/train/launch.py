@@ -10,6 +10,7 @@ import json
 import os
 import re
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,8 +98,11 @@ def prepare_data(recipe: Recipe, tokenizer, model_path: str):
     return numbered, prepared.report().lines()
 
 
-def run_training(recipe: Recipe) -> TrainResult:
-    """Run the recipe's stage on the current Ray cluster (see ray_zephyr.runtime.init_ray)."""
+def run_training(recipe: Recipe, on_start: Callable[[int], None] | None = None) -> TrainResult:
+    """Run the recipe's stage on the current Ray cluster (see ray_zephyr.runtime.init_ray).
+
+    `on_start(total_steps)` is called when the data is ready and training starts (e.g. to size a progress bar;
+    the rank-0 worker appends each finished step to <output_dir>/samples/rank0.jsonl)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -139,6 +143,8 @@ def run_training(recipe: Recipe) -> TrainResult:
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
+    if on_start:
+        on_start(total_steps)
     result = trainer.fit()
     metrics_file = output / "metrics.jsonl"
     return TrainResult(

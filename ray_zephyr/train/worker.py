@@ -75,7 +75,10 @@ class Run:
 
     def resume(self) -> None:
         checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
+        if checkpoint is None:  # a fresh start: side files of an earlier run into this folder are not ours
+            (self.output / "samples" / f"rank{self.rank}.jsonl").unlink(missing_ok=True)
+            if self.rank == 0:
+                (self.output / "metrics.jsonl").unlink(missing_ok=True)
             return
         with checkpoint.as_directory() as folder:
             _, client_state = self.engine.load_checkpoint(folder, tag=CHECKPOINT_TAG)
