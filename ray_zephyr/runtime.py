@@ -18,6 +18,7 @@ from ray._private.services import find_bootstrap_address
 import ray_zephyr
 
 LOCAL_LOGICAL_CPUS = 8
+_started_here = False
 
 
 def init_ray(num_cpus: int | None = None, join_existing: bool = True) -> None:
@@ -37,4 +38,11 @@ def init_ray(num_cpus: int | None = None, join_existing: bool = True) -> None:
     root = str(Path(ray_zephyr.__file__).resolve().parents[1])
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=True)
+    global _started_here
+    _started_here = True
+
+
+def fixed_size() -> bool:
+    """A local Ray started here cannot grow; a cluster we joined may autoscale."""
+    return _started_here
 

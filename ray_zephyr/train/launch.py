@@ -65,10 +65,15 @@ def check_storage(recipe: Recipe) -> None:
 
 
 def check_cluster(recipe: Recipe) -> None:
+    """More workers than a fixed-size Ray can ever have is an error; a cluster we joined may still autoscale."""
+    from ray_zephyr.runtime import fixed_size
+
     train = recipe.train
     resource, each = ("GPU", 1) if train.use_gpu else ("CPU", 1)
     have = ray.cluster_resources().get(resource, 0.0)
-    if train.num_workers * each > have:
+    if train.num_workers * each > have and not fixed_size():
+        print(f"waiting for the cluster to grow: {train.num_workers * each:g} {resource}s asked, {have:g} now", flush=True)
+    elif train.num_workers * each > have:
         raise UserError(
             f"train.num_workers={train.num_workers} needs {train.num_workers * each} {resource}s but the Ray cluster "
             f"has {have:g}; lower train.num_workers" + ("" if train.use_gpu else " or start Ray with more --num-cpus")
