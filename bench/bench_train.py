@@ -51,13 +51,13 @@ def model_dir(hidden: int, layers: int) -> str:
     return str(save_embedded_model(Path(tempfile.gettempdir()) / f"bench-tiny-{hidden}x{layers}", hidden, layers))
 
 
-def run_ours(stage: str, path: str, steps: int) -> dict:
+def run_ours(stage: str, path: str, steps: int, resident: bool = False) -> dict:
     import numpy as np
 
     from ray_zephyr.config import load_recipe
     from ray_zephyr.data.tokenize import load_tokenizer, tokenize_preference, tokenize_sft
     from ray_zephyr.data.validate import Invalid
-    from ray_zephyr.train.engine import build_engine, init_single_process
+    from ray_zephyr.train.engine import build_engine, build_reference, init_single_process
     from ray_zephyr.train.reference import ReferenceScorer
     from ray_zephyr.train.step import Stepper, make_objective
 
@@ -71,10 +71,14 @@ def run_ours(stage: str, path: str, steps: int) -> dict:
                  if not isinstance(t, Invalid)]  # the rows TRL drops too (no assistant token / prompt too long)
     batches = [{k: np.array([np.array(t[k]) for t in tokenized[i:i + BATCH]], dtype=object) for k in tokenized[0]}
                for i in range(0, len(tokenized), BATCH)]
-    if stage == "dpo":  # what the Ray Data reference pass adds before training (not timed: done once, off the step)
+    reference = None
+    if stage == "dpo" and resident:  # the frozen reference engine beside the policy, scored every step
+        reference = build_reference(recipe, path)
+    elif stage == "dpo":  # what the Ray Data reference pass adds before training (not timed: done once, off the step)
         scorer = ReferenceScorer(recipe, path, tokenizer.pad_token_id)
         batches = [scorer(b) for b in batches]
-    stepper = Stepper(build_engine(recipe, path, total_steps=steps + 2), make_objective(recipe, tokenizer.pad_token_id))
+    stepper = Stepper(build_engine(recipe, path, total_steps=steps + 2),
+                      make_objective(recipe, tokenizer.pad_token_id, reference))
     stepper.train_step(batches[:1]), stepper.train_step(batches[1:2])  # warm-up
     tokens, start = 0, time.perf_counter()
     for b in batches[2:]:
@@ -119,7 +123,8 @@ def child(side: str, stage: str, path: str, steps: int) -> None:
     import torch
 
     torch.manual_seed(0)
-    out = (run_ours if side == "ours" else run_trl)(stage, path, steps)
+    run = {"ours": run_ours, "ours-resident": lambda *a: run_ours(*a, resident=True), "trl": run_trl}[side]
+    out = run(stage, path, steps)
     out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(out), flush=True)
 
@@ -138,7 +143,7 @@ def main() -> None:
           f"{args.steps} timed steps")
     for stage in ("sft", "dpo"):
         results = {}
-        for side in ("ours", "trl"):
+        for side in ("ours", "trl") + (("ours-resident",) if stage == "dpo" else ()):
             proc = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--child", side, stage, path],
                                   capture_output=True, text=True, check=True)
             results[side] = json.loads(proc.stdout.split("RESULT ")[-1])
@@ -146,6 +151,10 @@ def main() -> None:
         print(f"{stage}: ours {ours['tokens/s']:.0f} tokens/s, peak {ours['peak_rss_mib']:.0f} MiB | "
               f"TRL {trl['tokens/s']:.0f} tokens/s, peak {trl['peak_rss_mib']:.0f} MiB | "
               f"ratio {ours['tokens/s'] / trl['tokens/s']:.2f}x")
+        if "ours-resident" in results:
+            resident = results["ours-resident"]
+            print(f"{stage} with a resident reference engine: {resident['tokens/s']:.0f} tokens/s, peak "
+                  f"{resident['peak_rss_mib']:.0f} MiB (precomputed is {ours['tokens/s'] / resident['tokens/s']:.2f}x)")
 
 
 if __name__ == "__main__":
