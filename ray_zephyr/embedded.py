@@ -18,6 +18,7 @@ WORDS = "apple river stone cloud tiger piano garden yellow window silver candle 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
 MODEL_VERSION = "tiny-llama-v1"
+TEACHER_ACCURACY = 0.5  # share of right answers in the SFT chats (the preference pairs always rank right first)
 
 
 def _rng(seed: int, split: str, index: int) -> random.Random:
@@ -49,19 +50,21 @@ def _task(rng: random.Random) -> tuple[str, str, str]:
     return f"How many letters are in {word}?", f"{word} has {len(word)} letters.", f"{word} has {len(other)} letters."
 
 
-def _conversation(rng: random.Random, answers_right: bool = True) -> list[dict]:
+def _conversation(rng: random.Random, teacher_accuracy: float = 1.0) -> list[dict]:
     turns: list[dict] = []
     if rng.random() < 0.2:
         turns.append({"role": "system", "content": "You are a careful assistant."})
     for _ in range(1 + (rng.random() < 0.3)):
         question, right, wrong = _task(rng)
-        turns += [{"role": "user", "content": question}, {"role": "assistant", "content": right if answers_right else wrong}]
+        answer_is_right = teacher_accuracy >= 1 or rng.random() < teacher_accuracy  # no draw at 1: rows stay as they were
+        turns += [{"role": "user", "content": question}, {"role": "assistant", "content": right if answer_is_right else wrong}]
     return turns
 
 
 def chat_row(seed: int, split: str, index: int) -> dict:
-    """One row in the HuggingFaceH4/ultrachat_200k schema."""
-    messages = _conversation(_rng(seed, split, index))
+    """One row in the HuggingFaceH4/ultrachat_200k schema, answered by a teacher that is right half the time
+    (as UltraChat's answers are uneven): SFT learns the format and the kind of answer, not which is right."""
+    messages = _conversation(_rng(seed, split, index), TEACHER_ACCURACY)
     prompt = next(m["content"] for m in messages if m["role"] == "user")
     return {"prompt": prompt, "prompt_id": hashlib.sha256(prompt.encode()).hexdigest(), "messages": messages}
 

@@ -1,0 +1,69 @@
+"""`python jobs/zephyr.py`, the README's main command, as a user runs it: dSFT -> dDPO -> evaluation -> chats
+with the served model -> summary, on fewer rows than the default so it stays around 3 minutes (slow)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+SMALLER = ["sft.data.train=[{path: embedded, split: train, rows: 800}]",
+           "dpo.data.train=[{path: embedded, split: train, rows: 480}]",
+           "data.eval=[{path: embedded, split: test, rows: 96}]"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("zephyr")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray, as on a laptop
+    done = subprocess.run([sys.executable, "jobs/zephyr.py", "--out", str(out), *SMALLER], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    return out, done
+
+
+def test_exits_cleanly_with_a_summary_table(run):
+    out, done = run
+    assert done.returncode == 0, done.stderr[-4000:] + (out / "zephyr.log").read_text()[-4000:]
+    assert "== ray-zephyr: the Zephyr recipe end to end in" in done.stdout
+    for row in ("dSFT eval loss, held-out chats", "preference accuracy, SFT model (96 held-out pairs)",
+                "preference accuracy, DPO model (96 held-out pairs)", "DPO reward accuracy / margin vs SFT reference"):
+        assert f"| {row}" in done.stdout
+    assert f"model:   {out / 'dpo' / 'model'}" in done.stdout
+    assert f"serve run serve.app:build_app model={out / 'dpo' / 'model'}" in done.stdout
+    assert "dSFT" in done.stderr and "dDPO" in done.stderr  # the progress bars
+    assert "Traceback" not in done.stdout + done.stderr
+
+
+def test_learning_is_visible(run):
+    out, done = run
+    numbers = json.loads((out / "summary.json").read_text())
+    assert numbers["pairs"] == 96
+    assert numbers["dpo_preference_accuracy"] > numbers["sft_preference_accuracy"]
+    assert numbers["reward_margin"] > 0
+    first, last = numbers["sft_eval_loss"]
+    assert last < first
+    assert f"| {numbers['dpo_preference_accuracy']:.3f}" in done.stdout  # the table shows the same numbers
+
+
+def test_training_curves_png(run):
+    out, _ = run
+    png = (out / "training_curves.png").read_bytes()
+    assert png.startswith(PNG_SIGNATURE) and len(png) > 20_000  # four panels of lines, not an empty canvas
+
+
+def test_served_chat_answers_are_printed(run):
+    out, done = run
+    chats = done.stdout.split("sample chats with the served DPO model:")[1].split("\n\n")[0].splitlines()
+    users = [line for line in chats if line.startswith("  user: ")]
+    answers = [line.removeprefix("  assistant: ") for line in chats if line.startswith("  assistant: ")]
+    assert users == ["  user: What is 3 plus 4?", "  user: Sort 8 1 5.", "  user: Spell tiger backwards."]
+    assert len(answers) == 3 and all(answers)  # the tiny model's text, or a note that it answered nothing
+    assert "ServeReplica:zephyr-chat:ChatDeployment" in (out / "zephyr.log").read_text()  # a Ray Serve replica answered
