@@ -9,6 +9,7 @@ Each side runs in its own subprocess so peak RSS is its own. Prints both and the
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import resource
 import subprocess
@@ -64,7 +65,8 @@ def run_ours(stage: str, path: str, steps: int, resident: bool = False) -> dict:
     init_single_process()
     recipe = load_recipe(f"tiny-{stage}", [f"model.name_or_path={path}", "train.num_workers=1",
                                             f"train.global_batch_size={BATCH}", f"train.per_device_batch_size={BATCH}",
-                                            f"data.max_length={MAX_LENGTH}", "train.lr=1.0e-4"])
+                                            f"data.max_length={MAX_LENGTH}", "train.lr=1.0e-4",
+                                            f"train.zero_stage={os.environ.get('BENCH_ZERO_STAGE', '3')}"])
     tokenizer = load_tokenizer(recipe)
     tokenize = tokenize_sft if stage == "sft" else tokenize_preference
     tokenized = [t for t in tokenize(tokenizer, rows(stage, BATCH * (steps + 2)), MAX_LENGTH, "keep_start", False)
