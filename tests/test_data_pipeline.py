@@ -11,7 +11,6 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from transformers import AutoTokenizer
 
 from ray_zephyr.config import load_recipe
 from ray_zephyr.data.pipeline import build_datasets, iter_with_stall_timeout
