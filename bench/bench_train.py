@@ -60,7 +60,7 @@ def run_ours(stage: str, path: str, steps: int, resident: bool = False) -> dict:
     from ray_zephyr.data.validate import Invalid
     from ray_zephyr.train.engine import build_engine, build_reference, init_single_process
     from ray_zephyr.train.reference import ReferenceScorer
-    from ray_zephyr.train.step import Stepper, make_objective
+    from ray_zephyr.train.step import make_objective, train_step
 
     init_single_process()
     recipe = load_recipe(f"tiny-{stage}", [f"model.name_or_path={path}", "train.num_workers=1",
@@ -79,12 +79,12 @@ def run_ours(stage: str, path: str, steps: int, resident: bool = False) -> dict:
     elif stage == "dpo":  # what the Ray Data reference pass adds before training (not timed: done once, off the step)
         scorer = ReferenceScorer(recipe, path, tokenizer.pad_token_id)
         batches = [scorer(b) for b in batches]
-    stepper = Stepper(build_engine(recipe, path, total_steps=steps + 2),
-                      make_objective(recipe, tokenizer.pad_token_id, reference))
-    stepper.train_step(batches[:1]), stepper.train_step(batches[1:2])  # warm-up
+    engine = build_engine(recipe, path, total_steps=steps + 2)
+    objective = make_objective(recipe, tokenizer.pad_token_id, reference)
+    train_step(engine, objective, batches[:1]), train_step(engine, objective, batches[1:2])  # warm-up
     tokens, start = 0, time.perf_counter()
     for b in batches[2:]:
-        tokens += stepper.train_step([b])["step_tokens"]
+        tokens += train_step(engine, objective, [b])["step_tokens"]
     return {"tokens/s": tokens / (time.perf_counter() - start)}
 
 

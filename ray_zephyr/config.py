@@ -74,8 +74,11 @@ class ModelConfig(_Section):
 
 
 class TrainConfig(_Section):
-    output_dir: str
-    storage_path: str | None = None  # Ray Train checkpoints: local folder or cloud URI; default output_dir/ray
+    output_dir: str  # model, metrics, sample audit: a local folder, or a URI (s3://, gs://, abfss://, ...)
+    storage_path: str | None = None  # Ray Train checkpoints: local folder or URI; default output_dir/ray
+    shared_filesystem: bool = False  # a local output_dir is mounted on every node (e.g. KubeRay's shared volume)
+    resume: Literal["auto", "fresh"] = "auto"  # auto: resume matching checkpoints; fresh: delete them, start over
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"  # of the workers over nodes
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     epochs: int = Field(1, ge=1)

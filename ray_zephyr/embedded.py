@@ -166,7 +166,10 @@ def embedded_model_dir() -> Path:
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """`embedded` becomes the tiny model's folder (made on first use); anything else is passed through."""
+    """`embedded` becomes the tiny model's folder (made on first use), a URI (`s3://...`) this node's cached
+    copy of it (see `ray_zephyr.storage`); a local folder or a hub id is passed through."""
     if name_or_path == "embedded":
         return str(save_embedded_model(embedded_model_dir()))
-    return name_or_path
+    from ray_zephyr.storage import local_copy
+
+    return local_copy(name_or_path)

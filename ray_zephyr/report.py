@@ -19,7 +19,9 @@ DPO_PANELS = (  # (metric, title) for the DPO rows of the figure
 def read_metrics(metrics_file: str | Path) -> dict[str, list[dict]]:
     """Records by split ("train", "eval"), one per step: a step logged twice (a resumed run) keeps its later line."""
     by_step: dict[tuple[str, int], dict] = {}
-    for line in Path(metrics_file).read_text().splitlines():
+    from ray_zephyr.storage import read_text
+
+    for line in (read_text(str(metrics_file)) or "").splitlines():
         record = json.loads(line)
         by_step[(record["split"], record["step"])] = record
     out: dict[str, list[dict]] = {"train": [], "eval": []}

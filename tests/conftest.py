@@ -58,3 +58,53 @@ def smollm2_tokenizer_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("smollm2")
     AutoTokenizer.from_pretrained(folder, gguf_file=gguf.name).save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """An S3-compatible server (moto) on 127.0.0.1 for the session, with a bucket `rz-test`. Yields the environment a
+    process needs to reach it through pyarrow's S3 filesystem (AWS_ENDPOINT_URL, dummy credentials); the tests
+    set it in-process with monkeypatch, and hand it to the Ray nodes they start."""
+    import shutil
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import boto3
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or "moto_server"
+    proc = subprocess.Popen([server, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1",
+           "AWS_EC2_METADATA_DISABLED": "true"}
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError("moto_server did not start") from None
+                time.sleep(0.2)
+        boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id="testing",
+                     aws_secret_access_key="testing", region_name="us-east-1").create_bucket(Bucket="rz-test")
+        yield env
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    """This process talks to the test S3 server; yields a fresh `s3://rz-test/<unique>` prefix."""
+    import uuid
+
+    for key, value in s3_server.items():
+        monkeypatch.setenv(key, value)
+    return f"s3://rz-test/{uuid.uuid4().hex[:10]}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ SMALL = ["data.train=[{path: embedded, split: train, rows: 480}]", "data.eval=[{
 
 
 def _records(path, split):
-    return [r for r in map(json.loads, path.read_text().splitlines()) if r["split"] == split]
+    return [r for r in map(json.loads, Path(path).read_text().splitlines()) if r["split"] == split]
 
 
 def _generates(model_dir) -> str:
@@ -42,7 +43,8 @@ def test_sft_then_dpo_on_two_zero3_workers(ray_session, tmp_path):
         assert all(name in r for r in train), name
     evals = _records(result.metrics_file, "eval")
     assert [r["step"] for r in evals] == [15, 30] and evals[-1]["eval_loss"] < evals[0]["eval_loss"]
-    assert (result.model_dir / "model.safetensors").is_file() and (result.model_dir / "generation_config.json").is_file()
+    model_dir = Path(result.model_dir)
+    assert (model_dir / "model.safetensors").is_file() and (model_dir / "generation_config.json").is_file()
     assert "<|assistant|>" in AutoTokenizer.from_pretrained(result.model_dir).chat_template
     _generates(result.model_dir)
 

@@ -10,7 +10,7 @@ from ray_zephyr.data.tokenize import load_tokenizer, tokenize_preference
 from ray_zephyr.embedded import preference_row
 from ray_zephyr.train.engine import build_engine, build_reference, deepspeed_config, init_single_process
 from ray_zephyr.train.reference import ReferenceScorer
-from ray_zephyr.train.step import Stepper, make_objective
+from ray_zephyr.train.step import make_objective, train_step
 
 
 def _rows(recipe, tokenizer, n: int) -> dict:
@@ -38,8 +38,8 @@ def test_precomputed_and_resident_reference_give_the_same_loss(embedded_model_di
     for mode, batches in [("precomputed", precomputed), ("resident", micro)]:
         reference = build_reference(recipe, str(embedded_model_dir)) if mode == "resident" else None
         engine = build_engine(recipe, str(embedded_model_dir), total_steps=2)
-        stepper = Stepper(engine, make_objective(recipe, tokenizer.pad_token_id, reference))
-        runs[mode] = [stepper.train_step(batches[0:2]), stepper.train_step(batches[2:4])]
+        objective = make_objective(recipe, tokenizer.pad_token_id, reference)
+        runs[mode] = [train_step(engine, objective, batches[0:2]), train_step(engine, objective, batches[2:4])]
     assert runs["precomputed"][0]["loss"] == pytest.approx(np.log(2), abs=1e-5)  # policy == reference at step 1
     for step in range(2):
         for name in ("loss", "rewards/margins", "rewards/chosen", "logps/rejected", "grad_norm"):

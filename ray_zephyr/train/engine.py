@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager, nullcontext
-from pathlib import Path
 
 import torch
 
@@ -146,10 +145,16 @@ def build_reference(recipe: Recipe, model_path: str):
     return engine
 
 
-def save_hf_model(engine, tokenizer, folder: str | Path, rank: int) -> None:
-    """Gather the weights parameter by parameter (ZeRO-3) and write a consolidated Hugging Face folder on rank 0:
-    config, safetensors, generation config and the tokenizer with its chat template."""
+def save_hf_model(engine, tokenizer, dest: str, rank: int, before_last_file=None) -> None:
+    """Gather the weights parameter by parameter (ZeRO-3) and publish a consolidated Hugging Face folder from
+    rank 0 at `dest` (a local path or a URI): config, safetensors (parameters and persistent buffers),
+    generation config and the tokenizer with its chat template. It is written to a local folder first and
+    then published whole (`storage.publish_dir`), so a crash mid-save leaves nothing a later job would load."""
+    import tempfile
+
     import deepspeed
+
+    from ray_zephyr.storage import publish_dir
 
     lm = engine.module.lm
     zero3 = engine.zero_optimization_partition_weights()
@@ -158,12 +163,15 @@ def save_hf_model(engine, tokenizer, folder: str | Path, rank: int) -> None:
         with deepspeed.zero.GatheredParameters([param]) if zero3 else nullcontext():
             if rank == 0:
                 state[name] = param.detach().to("cpu", copy=True)
-    if rank == 0:
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
+    if rank != 0:
+        return
+    persistent = set(lm.state_dict().keys())  # buffers are not partitioned; non-persistent ones are not saved
+    state |= {name: buffer.detach().to("cpu", copy=True) for name, buffer in lm.named_buffers() if name in persistent}
+    with tempfile.TemporaryDirectory() as folder:
         lm.config.use_cache = True
         lm.save_pretrained(folder, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(folder)
+        publish_dir(folder, dest, before_last_file=before_last_file)
 
 
 def init_single_process(backend: str | None = None) -> None:

@@ -1,13 +1,14 @@
 """The driver side of a training run: checks, data, reference pass, Ray Train TorchTrainer, summary.
 
 Everything that can be wrong with a recipe is checked before any model is loaded or row is read:
-model path, batch arithmetic, storage writability, and the number of workers against the cluster.
+model path, batch arithmetic, storage writability, the number of workers against the cluster, and a
+local output path on a cluster whose nodes do not share it. Everything the run writes goes to
+`train.output_dir` through `ray_zephyr.storage` (a local path or a URI); the driver reads the results
+from Ray Train's `Result`, never from a file a worker wrote on another node.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import uuid
 from collections.abc import Callable
@@ -16,31 +17,39 @@ from pathlib import Path
 
 import ray
 
+from ray_zephyr import storage
 from ray_zephyr.config import Recipe
 from ray_zephyr.embedded import resolve_model_path
 from ray_zephyr.errors import UserError
+from ray_zephyr.train import checkpoint, faults
 from ray_zephyr.train.engine import grad_accumulation_steps
-from ray_zephyr.train.sampler import Layout, number_rows
+from ray_zephyr.train.rows import Layout, write_rows
 
-FAULT_ENV = "RAY_ZEPHYR_FAULT_AT_STEP"
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 @dataclass
 class TrainResult:
-    metrics: dict
-    model_dir: Path
-    metrics_file: Path
+    metrics: dict  # the last train metrics and the final evaluation, as the rank-0 worker reported them
+    model_dir: str  # local path or URI
+    metrics_file: str  # local path or URI
     checkpoint: str | None
     data_report: list[str]
 
 
+def output_dir(recipe: Recipe) -> str:
+    return storage.absolute(recipe.train.output_dir)
+
+
 def storage_path(recipe: Recipe) -> str:
-    return recipe.train.storage_path or str(Path(recipe.train.output_dir).resolve() / "ray")
+    return storage.absolute(recipe.train.storage_path or storage.join(recipe.train.output_dir, "ray"))
 
 
 def check_model_path(recipe: Recipe) -> None:
     name = recipe.model.name_or_path
+    if storage.is_uri(name):
+        storage.check_complete(name)
+        return
     if name == "embedded" or Path(name).exists():
         return
     if not HUB_ID.match(name):
@@ -50,34 +59,55 @@ def check_model_path(recipe: Recipe) -> None:
 
 def check_storage(recipe: Recipe) -> None:
     """The output folder and the checkpoint storage (local folder or a URI pyarrow can open) must be writable."""
-    import pyarrow.fs
+    import pyarrow
 
-    for where in (str(Path(recipe.train.output_dir).resolve()), storage_path(recipe)):
-        probe = f".write-probe-{uuid.uuid4().hex[:8]}"
+    for where in (output_dir(recipe), storage_path(recipe)):
+        probe = storage.join(where, f".write-probe-{uuid.uuid4().hex[:8]}")
         try:
-            fs, root = pyarrow.fs.FileSystem.from_uri(where) if "://" in where else (pyarrow.fs.LocalFileSystem(), where)
-            fs.create_dir(root, recursive=True)
-            with fs.open_output_stream(f"{root}/{probe}") as f:
-                f.write(b"ok")
-            fs.delete_file(f"{root}/{probe}")
+            storage.write_text(probe, "ok")
+            fs, path = storage.filesystem(probe)
+            fs.delete_file(path)
         except (OSError, pyarrow.ArrowException) as exc:
-            raise UserError(f"cannot write to {where}: {exc}") from None
+            raise UserError(f"cannot write to {where}: {str(exc).splitlines()[0]}") from None
+
+
+def _needed(recipe: Recipe) -> tuple[str, int]:
+    return ("GPU" if recipe.train.use_gpu else "CPU"), recipe.train.num_workers
 
 
 def check_cluster(recipe: Recipe) -> None:
     """More workers than a fixed-size Ray can ever have is an error; a cluster we joined may still autoscale."""
     from ray_zephyr.runtime import fixed_size
 
-    train = recipe.train
-    resource, each = ("GPU", 1) if train.use_gpu else ("CPU", 1)
+    resource, count = _needed(recipe)
     have = ray.cluster_resources().get(resource, 0.0)
-    if train.num_workers * each > have and not fixed_size():
-        print(f"waiting for the cluster to grow: {train.num_workers * each:g} {resource}s asked, {have:g} now", flush=True)
-    elif train.num_workers * each > have:
+    if count > have and not fixed_size():
+        print(f"waiting for the cluster to grow: {count} {resource}s asked, {have:g} now", flush=True)
+    elif count > have:
         raise UserError(
-            f"train.num_workers={train.num_workers} needs {train.num_workers * each} {resource}s but the Ray cluster "
-            f"has {have:g}; lower train.num_workers" + ("" if train.use_gpu else " or start Ray with more --num-cpus")
+            f"train.num_workers={count} needs {count} {resource}s but the Ray cluster has {have:g}; lower "
+            "train.num_workers" + ("" if recipe.train.use_gpu else " or start Ray with more --num-cpus")
         )
+
+
+def check_shared_output(recipe: Recipe) -> None:
+    """A local output path only works where every worker sees the same folder: one node running everything, or
+    a folder every node mounts (train.shared_filesystem). Elsewhere rank 0 would write the model on its own
+    node's disk, where the next job, the Serve replica and the driver never find it."""
+    local = [p for p in (output_dir(recipe), storage_path(recipe)) if not storage.is_uri(p)]
+    if not local or recipe.train.shared_filesystem:
+        return
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    here = next((n for n in nodes if n["NodeID"] == ray.get_runtime_context().get_node_id()), {"Resources": {}})
+    resource, count = _needed(recipe)
+    if len(nodes) > 1:
+        why = f"the Ray cluster has {len(nodes)} nodes"
+    elif here["Resources"].get(resource, 0) < count:
+        why = f"this node has {here['Resources'].get(resource, 0):g} of the {count} {resource}s the workers need, so they run on nodes that join later"
+    else:
+        return
+    raise UserError(f"{local[0]} is a local path but {why}: use a URI (s3://..., gs://...) for train.output_dir, or a "
+                    "folder every node mounts with train.shared_filesystem=true")
 
 
 def preflight(recipe: Recipe) -> None:
@@ -86,11 +116,13 @@ def preflight(recipe: Recipe) -> None:
     grad_accumulation_steps(recipe.train)
     check_storage(recipe)
     check_cluster(recipe)
+    check_shared_output(recipe)
 
 
-def prepare_data(recipe: Recipe, tokenizer, model_path: str):
-    """Tokenized datasets (+ reference log-probs for DPO with a precomputed reference), materialized and numbered."""
-    from ray_zephyr.data.pipeline import build_datasets
+def prepare_rows(recipe: Recipe, tokenizer, model_path: str) -> tuple[dict[str, int], list[str]]:
+    """Tokenize (+ reference log-probs for DPO with a precomputed reference) and write the numbered rows of each
+    split to <output_dir>/data/<split> (see `rows`); returns the row counts and the data report."""
+    from ray_zephyr.data.pipeline import build_datasets, iter_with_stall_timeout
 
     prepared = build_datasets(recipe, tokenizer)
     datasets = {"train": prepared.train, "eval": prepared.eval}
@@ -99,8 +131,12 @@ def prepare_data(recipe: Recipe, tokenizer, model_path: str):
 
         datasets = {k: ds and add_reference_logps(ds, recipe, model_path, tokenizer.pad_token_id)
                     for k, ds in datasets.items()}
-    numbered = {k: number_rows(ds) if ds is not None else (None, 0) for k, ds in datasets.items()}
-    return numbered, prepared.report().lines()
+    counts = {}
+    for split, ds in datasets.items():
+        batches = ds.iter_batches(batch_format="pyarrow", batch_size=1024) if ds is not None else []
+        counts[split] = write_rows(iter_with_stall_timeout(batches, recipe.data.stall_timeout_s, f"{split} data"),
+                                   storage.join(output_dir(recipe), "data", split))
+    return counts, prepared.report().lines()
 
 
 def run_training(recipe: Recipe, on_start: Callable[[int], None] | None = None) -> TrainResult:
@@ -112,37 +148,39 @@ def run_training(recipe: Recipe, on_start: Callable[[int], None] | None = None) 
     from ray.train.torch import TorchTrainer
 
     from ray_zephyr.data.tokenize import load_tokenizer
-    from ray_zephyr.train.worker import train_worker
+    from ray_zephyr.train.loop import train_loop
 
     preflight(recipe)
-    train = recipe.train
+    train, output = recipe.train, output_dir(recipe)
     model_path = recipe.model.name_or_path
-    if model_path != "embedded":
-        model_path = str(Path(model_path).resolve()) if Path(model_path).exists() else model_path
+    if model_path != "embedded" and not storage.is_uri(model_path) and Path(model_path).exists():
+        model_path = str(Path(model_path).resolve())
     tokenizer = load_tokenizer(recipe)
-    numbered, data_report = prepare_data(recipe, tokenizer, resolve_model_path(model_path))
-    (train_ds, rows), (eval_ds, eval_rows) = numbered["train"], numbered["eval"]
-    layout = Layout(rows, train.per_device_batch_size, train.num_workers, grad_accumulation_steps(train),
+    counts, data_report = prepare_rows(recipe, tokenizer, resolve_model_path(model_path))
+    layout = Layout(counts["train"], train.per_device_batch_size, train.num_workers, grad_accumulation_steps(train),
                     recipe.seed, recipe.data.shuffle)
     if layout.steps_per_epoch == 0:
-        raise UserError(f"{rows} training rows cannot fill one global batch of {layout.global_batch}")
+        raise UserError(f"{counts['train']} training rows cannot fill one global batch of {layout.global_batch}")
     total_steps = layout.steps_per_epoch * train.epochs
     if train.max_steps > 0:
         total_steps = min(total_steps, train.max_steps)
-    output = Path(train.output_dir).resolve()
+    name = checkpoint.run_name(output)
+    fingerprint = checkpoint.fingerprint(recipe, layout, counts["eval"])
+    checkpoint.check_resumable(storage.join(storage_path(recipe), name), fingerprint, train.resume)
     config = {
-        "recipe": recipe.model_copy(update={"train": train.model_copy(update={"output_dir": str(output)})}),
-        "model_path": model_path, "tokenizer": tokenizer, "layout": layout, "total_steps": total_steps,
-        "train": train_ds, "eval": eval_ds, "eval_rows": eval_rows,
-        "fault_at_step": int(os.environ.get(FAULT_ENV, "0")),
+        "recipe": recipe, "model_path": model_path, "tokenizer": tokenizer, "output_dir": output,
+        "layout": layout, "total_steps": total_steps, "fingerprint": fingerprint, "fault": faults.planned(),
+        "train_rows": storage.join(output, "data", "train"), "eval_size": counts["eval"],
+        "eval_rows": storage.join(output, "data", "eval") if counts["eval"] else None,
     }
     trainer = TorchTrainer(
-        train_worker,
+        train_loop,
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
-                                     resources_per_worker={"GPU": 1, "CPU": 1} if train.use_gpu else {"CPU": 1}),
+                                     resources_per_worker={"GPU": 1, "CPU": 1} if train.use_gpu else {"CPU": 1},
+                                     placement_strategy=train.placement_strategy),
         run_config=RunConfig(
-            name=output.name,
+            name=name,
             storage_path=storage_path(recipe),
             failure_config=FailureConfig(max_failures=train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
@@ -151,24 +189,13 @@ def run_training(recipe: Recipe, on_start: Callable[[int], None] | None = None) 
     if on_start:
         on_start(total_steps)
     result = trainer.fit()
-    metrics_file = output / "metrics.jsonl"
     return TrainResult(
-        metrics=last_metrics(metrics_file),
-        model_dir=output / "model",
-        metrics_file=metrics_file,
+        metrics=dict(result.metrics or {}),
+        model_dir=storage.join(output, "model"),
+        metrics_file=storage.join(output, "metrics.jsonl"),
         checkpoint=result.checkpoint.path if result.checkpoint else None,
         data_report=data_report,
     )
-
-
-def last_metrics(metrics_file: Path) -> dict:
-    """The last train and eval records of metrics.jsonl, merged."""
-    records = [json.loads(line) for line in metrics_file.read_text().splitlines()] if metrics_file.exists() else []
-    out: dict = {}
-    for split in ("train", "eval"):
-        out |= next((r for r in reversed(records) if r["split"] == split), {})
-    out.pop("split", None)
-    return out
 
 
 def summary(result: TrainResult) -> str:

@@ -64,41 +64,42 @@ class TokenScorer(nn.Module):
 
 
 class MetricSums:
-    """Named means kept as (sum, count) and plain totals; `reduce` all-reduces both across workers."""
+    """Named means kept as (sum, count) and plain totals, as tensors on `device` (no host sync per micro-batch);
+    `means` sums all of them across workers in one collective on one tensor, then reads them once."""
 
-    def __init__(self):
-        self.sums: dict[str, list[float]] = {}
-        self.totals: dict[str, float] = {}
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.sums: dict[str, list[torch.Tensor]] = {}
+        self.totals: dict[str, torch.Tensor] = {}
+
+    def _tensor(self, value: torch.Tensor | float) -> torch.Tensor:
+        return torch.as_tensor(value, device=self.device).detach().to(torch.float64)
 
     def add(self, name: str, total: torch.Tensor | float, count: torch.Tensor | float) -> None:
-        s = self.sums.setdefault(name, [0.0, 0.0])
-        s[0] += float(total)
-        s[1] += float(count)
+        s = self.sums.setdefault(name, [self._tensor(0.0), self._tensor(0.0)])
+        s[0] = s[0] + self._tensor(total)
+        s[1] = s[1] + self._tensor(count)
 
-    def count(self, name: str, value: float) -> None:
-        self.totals[name] = self.totals.get(name, 0.0) + float(value)
+    def count(self, name: str, value: torch.Tensor | float) -> None:
+        self.totals[name] = self.totals.get(name, self._tensor(0.0)) + self._tensor(value)
 
-    def reduce(self) -> MetricSums:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            means, totals = sorted(self.sums), sorted(self.totals)
-            flat = torch.tensor([v for n in means for v in self.sums[n]] + [self.totals[n] for n in totals],
-                                dtype=torch.float64)
-            dist.all_reduce(flat)
-            values = flat.tolist()
-            self.sums = {n: values[2 * i : 2 * i + 2] for i, n in enumerate(means)}
-            self.totals = dict(zip(totals, values[2 * len(means) :], strict=True))
-        return self
-
-    def means(self) -> dict[str, float]:
-        return {n: (t / c if c else 0.0) for n, (t, c) in self.sums.items()} | self.totals
+    def means(self, all_reduce_sum=None) -> dict[str, float]:
+        """The means and totals; summed over workers first by `all_reduce_sum` (in place, on a tensor on
+        `device`) when given. One collective and one read to the host, however many metrics."""
+        means, totals = sorted(self.sums), sorted(self.totals)
+        parts = [t for n in means for t in self.sums[n]] + [self.totals[n] for n in totals]
+        if not parts:
+            return {}
+        stacked = torch.stack(parts)
+        flat = (all_reduce_sum(stacked) if all_reduce_sum else stacked).tolist()
+        out = {n: flat[2 * i] / flat[2 * i + 1] if flat[2 * i + 1] else 0.0 for i, n in enumerate(means)}
+        return out | dict(zip(totals, flat[2 * len(means) :], strict=True))
 
 
 def sft_loss(stats: TokenStats, token_total: torch.Tensor | float, metrics: MetricSums) -> torch.Tensor:
     """Summed token NLL divided by the supervised-token count of the whole global batch (all workers, all
     micro-batches), so every supervised token weighs the same however tokens fall across shards."""
-    loss = -stats.logps.sum() / max(float(token_total), 1.0)
+    loss = -stats.logps.sum() / torch.as_tensor(token_total, device=stats.logps.device).clamp(min=1)
     n = stats.logps.numel()
     metrics.add("loss", -stats.logps.detach().sum(), n)
     metrics.add("entropy", stats.entropy.sum(), n)

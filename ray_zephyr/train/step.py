@@ -1,10 +1,14 @@
-"""One optimizer step over a worker's micro-batches, shared by SFT and DPO, independent of Ray.
+"""One optimizer step over a worker's micro-batches, and one evaluation pass, shared by SFT and DPO.
 
-The objective (SFT or DPO) says how to collate rows, what the loss is normalised by, and the loss itself.
-`Stepper` does the rest: one all-reduce of the normaliser so the loss is a mean over the *global* batch
-(every worker, every micro-batch: uneven token counts weigh right), backward and step through the
-DeepSpeed engine, and metrics reduced across workers. It needs torch.distributed and a DeepSpeed engine,
-nothing else, so a benchmark drives it in one process with world size 1.
+The objective (SFT or DPO) says how to collate rows, what the loss is a mean over (its `loss_denominator`:
+supervised tokens for SFT, pairs for DPO) and the loss itself. `train_step` does the rest: one all-reduce
+of the denominator so the loss is a mean over the *global* batch (every worker, every micro-batch: uneven
+token counts weigh right), backward and step through the DeepSpeed engine, and the metrics reduced across
+workers once per step.
+
+Every tensor handed to a collective lives on the engine's device: NCCL (Ray Train's process group on GPU)
+refuses CPU tensors, gloo (on CPU) takes them. Nothing here needs Ray, so a benchmark drives it in one
+process with world size 1.
 """
 
 from __future__ import annotations
@@ -31,16 +35,16 @@ class SFTObjective:
         batch["score_mask"] = sft_score_mask(batch.pop("labels"))
         return batch
 
-    def units(self, batch: dict[str, torch.Tensor]) -> int:
-        """What the loss is averaged over: scored tokens (each predicted from the previous one)."""
-        return int(batch["score_mask"][:, 1:].sum())
+    def loss_denominator(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Scored tokens (each predicted from the previous one)."""
+        return batch["score_mask"][:, 1:].sum()
 
     def samples(self, batch: dict[str, torch.Tensor]) -> int:
         return batch["input_ids"].shape[0]
 
-    def loss(self, model, batch: dict[str, torch.Tensor], total_units: int, metrics: MetricSums) -> torch.Tensor:
+    def loss(self, model, batch: dict[str, torch.Tensor], denominator: torch.Tensor, metrics: MetricSums) -> torch.Tensor:
         stats = model(batch["input_ids"], batch["attention_mask"], batch["score_mask"])
-        return sft_loss(stats, total_units, metrics)
+        return sft_loss(stats, denominator, metrics)
 
 
 class DPOObjective:
@@ -53,10 +57,12 @@ class DPOObjective:
     def collate(self, rows: dict) -> dict[str, torch.Tensor]:
         return collate_preference(rows, self.pad_token_id, self.data.max_length, self.data.truncation_mode)
 
-    def units(self, batch: dict[str, torch.Tensor]) -> int:
+    def samples(self, batch: dict[str, torch.Tensor]) -> int:
         return batch["input_ids"].shape[0] // 2
 
-    samples = units
+    def loss_denominator(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Pairs."""
+        return torch.tensor(self.samples(batch), device=batch["input_ids"].device)
 
     def reference_logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         if self.reference is None:
@@ -65,7 +71,7 @@ class DPOObjective:
             stats = self.reference(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
             return sequence_logps(stats, batch["input_ids"].shape[0])
 
-    def loss(self, model, batch: dict[str, torch.Tensor], total_units: int, metrics: MetricSums) -> torch.Tensor:
+    def loss(self, model, batch: dict[str, torch.Tensor], denominator: torch.Tensor, metrics: MetricSums) -> torch.Tensor:
         stats = model(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
         chosen, rejected = sequence_logps(stats, batch["input_ids"].shape[0])
         ref_chosen, ref_rejected = self.reference_logps(batch)
@@ -73,7 +79,7 @@ class DPOObjective:
         per_pair = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, batch["completion_mask"], beta,
                             self.dpo.loss_type, self.dpo.label_smoothing)
         dpo_metrics(metrics, stats, per_pair, chosen, rejected, ref_chosen, ref_rejected, beta)
-        return per_pair.sum() / total_units
+        return per_pair.sum() / denominator
 
 
 def make_objective(recipe: Recipe, pad_token_id: int, reference=None):
@@ -82,56 +88,53 @@ def make_objective(recipe: Recipe, pad_token_id: int, reference=None):
     return DPOObjective(recipe, pad_token_id, reference)
 
 
-def _all_reduce_sum(value: float) -> float:
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum `tensor` over the workers, in place (a no-op without torch.distributed or with one worker)."""
     if dist.is_initialized() and dist.get_world_size() > 1:
-        t = torch.tensor([value], dtype=torch.float64)
-        dist.all_reduce(t)
-        return t.item()
-    return value
+        dist.all_reduce(tensor)
+    return tensor
 
 
-class Stepper:
-    """Runs optimizer steps and evaluations of an objective on a DeepSpeed engine."""
+def _on_device(engine, rows: dict) -> dict[str, torch.Tensor]:
+    return {k: v.to(engine.device) for k, v in rows.items()}
 
-    def __init__(self, engine, objective):
-        self.engine, self.objective = engine, objective
-        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
 
-    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v.to(self.engine.device) for k, v in batch.items()}
+def train_step(engine, objective, micro_batches: list[dict]) -> dict[str, float]:
+    """One optimizer step over this worker's share (A micro-batches of rows) of a global batch."""
+    start = time.perf_counter()
+    engine.train()
+    batches = [_on_device(engine, objective.collate(rows)) for rows in micro_batches]
+    denominator = all_reduce_sum(torch.stack([objective.loss_denominator(b) for b in batches]).sum().double())
+    denominator = denominator.clamp(min=1)
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    lr = engine.get_lr()[0]
+    metrics = MetricSums(engine.device)
+    for batch in batches:
+        loss = objective.loss(engine, batch, denominator, metrics)
+        # The loss is already this worker's share of the global mean; DeepSpeed averages gradients over
+        # workers, so scale by the world size and skip its own division by the accumulation steps.
+        engine.backward(loss * world_size, scale_wrt_gas=False)
+        engine.step()
+    return _finish(objective, metrics, batches, start) | {"lr": lr, "grad_norm": float(engine.get_global_grad_norm())}
 
-    def train_step(self, micro_batches: list[dict]) -> dict[str, float]:
-        """One optimizer step over this worker's share (A micro-batches of rows) of a global batch."""
-        start = time.perf_counter()
-        self.engine.train()
-        batches = [self._to_device(self.objective.collate(rows)) for rows in micro_batches]
-        total = _all_reduce_sum(sum(self.objective.units(b) for b in batches))
-        lr = self.engine.get_lr()[0]
-        metrics = MetricSums()
-        for batch in batches:
-            loss = self.objective.loss(self.engine, batch, total, metrics)
-            # The loss is already this worker's share of the global mean; DeepSpeed averages gradients over
-            # workers, so scale by the world size and skip its own division by the accumulation steps.
-            self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
-            self.engine.step()
-        return self._finish(metrics, batches, start) | {"lr": lr, "grad_norm": float(self.engine.get_global_grad_norm())}
 
-    @torch.no_grad()
-    def evaluate(self, micro_batches: Iterable[dict]) -> dict[str, float]:
-        """Metrics over the given micro-batches (every worker must pass the same number), prefixed `eval_`."""
-        start = time.perf_counter()
-        self.engine.eval()
-        metrics, batches = MetricSums(), []
-        for rows in micro_batches:
-            batch = self._to_device(self.objective.collate(rows))
-            self.objective.loss(self.engine, batch, self.objective.units(batch), metrics)
-            batches.append(batch)
-        return {f"eval_{k}": v for k, v in self._finish(metrics, batches, start).items()}
+@torch.no_grad()
+def evaluate(engine, objective, micro_batches: Iterable[dict]) -> dict[str, float]:
+    """Metrics over the given micro-batches (every worker must pass the same number), prefixed `eval_`."""
+    start = time.perf_counter()
+    engine.eval()
+    metrics, batches = MetricSums(engine.device), []
+    for rows in micro_batches:
+        batch = _on_device(engine, objective.collate(rows))
+        objective.loss(engine, batch, objective.loss_denominator(batch), metrics)
+        batches.append(batch)
+    return {f"eval_{k}": v for k, v in _finish(objective, metrics, batches, start).items()}
 
-    def _finish(self, metrics: MetricSums, batches: list[dict], start: float) -> dict[str, float]:
-        """Reduce the metrics over workers and add the token and sample counts and rates."""
-        metrics.count("step_tokens", sum(int(b["attention_mask"].sum()) for b in batches))
-        metrics.count("step_samples", sum(self.objective.samples(b) for b in batches))
-        out = metrics.reduce().means()
-        elapsed = max(time.perf_counter() - start, 1e-9)
-        return out | {"tokens/s": out["step_tokens"] / elapsed, "samples/s": out["step_samples"] / elapsed}
+
+def _finish(objective, metrics: MetricSums, batches: list[dict], start: float) -> dict[str, float]:
+    """Reduce the metrics over workers (one collective) and add the token and sample counts and rates."""
+    metrics.count("step_tokens", sum(b["attention_mask"].sum() for b in batches))
+    metrics.count("step_samples", sum(objective.samples(b) for b in batches))
+    out = metrics.means(all_reduce_sum)
+    elapsed = max(time.perf_counter() - start, 1e-9)
+    return out | {"tokens/s": out["step_tokens"] / elapsed, "samples/s": out["step_samples"] / elapsed}

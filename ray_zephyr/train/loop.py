@@ -1,0 +1,95 @@
+"""The training loop every Ray Train worker runs: read it top to bottom.
+
+    set up   the DeepSpeed engine (+ a resident reference for DPO), the numbered rows, the run's side files;
+             resume from Ray Train's latest checkpoint if there is one
+    loop     each global step: this worker's micro-batches -> forward, loss, backward, optimizer step
+             (`step.train_step`) -> audit the samples -> log -> evaluate -> checkpoint
+    finish   a last evaluation, the consolidated model published to <output_dir>/model, the summary
+             reported to Ray Train (the driver reads it from `Result.metrics`)
+
+torch.distributed is set up by Ray Train (gloo on CPU, nccl on GPU) before this runs. Which rows a worker
+trains on at each step is `rows.Layout`'s business; what a checkpoint holds is `checkpoint`'s.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import ray.train
+
+from ray_zephyr import storage
+from ray_zephyr.embedded import resolve_model_path
+from ray_zephyr.train import checkpoint, faults
+from ray_zephyr.train.engine import build_engine, build_reference, save_hf_model
+from ray_zephyr.train.rows import RowFile, eval_layout
+from ray_zephyr.train.run_files import RunFiles
+from ray_zephyr.train.step import evaluate, make_objective, train_step
+
+
+def train_loop(config: dict) -> None:
+    """Ray Train's train_loop_per_worker; `config` comes from `launch.run_training`."""
+    recipe, layout, total_steps = config["recipe"], config["layout"], config["total_steps"]
+    train, output_dir = recipe.train, config["output_dir"]
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    attempt = uuid.uuid4().hex[:8]
+
+    # -- set up ------------------------------------------------------------------------------------
+    model_path = resolve_model_path(config["model_path"])
+    engine = build_engine(recipe, model_path, total_steps)
+    reference = build_reference(recipe, model_path) if recipe.stage == "dpo" and recipe.dpo.reference == "resident" else None
+    objective = make_objective(recipe, config["tokenizer"].pad_token_id, reference)
+    train_rows = RowFile(config["train_rows"])
+    eval_rows = RowFile(config["eval_rows"]) if config["eval_rows"] else None
+    resumed = checkpoint.load(engine, rank)
+    position, fetched = resumed or (checkpoint.Position(), [])
+    files = RunFiles(output_dir, rank, attempt, resumed=resumed is not None)
+    files.describe_worker(engine, resumed_from_step=position.global_step if resumed else None, fetched=fetched)
+
+    def run_eval() -> dict:
+        if eval_rows is None:
+            return {}
+        order = eval_layout(config["eval_size"], layout.micro_batch, world_size)
+        metrics = evaluate(engine, objective, eval_rows.micro_batches(order.rank_sample_ids(0, rank), layout.micro_batch))
+        files.log("eval", position.global_step, position.epoch, metrics)
+        return metrics
+
+    # -- loop --------------------------------------------------------------------------------------
+    metrics: dict = {}
+    while position.global_step < total_steps:
+        if position.step_in_epoch == layout.steps_per_epoch:
+            position.epoch, position.step_in_epoch = position.epoch + 1, 0
+        sample_ids = layout.rank_sample_ids(position.epoch, rank, position.step_in_epoch)
+        batches = train_rows.micro_batches(sample_ids, layout.micro_batch)
+        while position.step_in_epoch < layout.steps_per_epoch and position.global_step < total_steps:
+            micro_batches = [next(batches) for _ in range(layout.accumulation)]
+            metrics = train_step(engine, objective, micro_batches)
+            position.step_in_epoch += 1
+            position.global_step += 1
+            position.num_tokens += metrics["step_tokens"]
+            step = position.global_step
+            metrics |= {"step": step, "num_tokens": position.num_tokens,
+                        "epoch": position.epoch + position.step_in_epoch / layout.steps_per_epoch}
+            files.record_samples(position.epoch, step, micro_batches)
+            faults.maybe_fail(config["fault"], "after_step", step, output_dir, attempt, rank == world_size - 1)
+
+            logging = step % train.log_every_steps == 0 or step == total_steps
+            evaluating = train.eval_every_steps > 0 and step % train.eval_every_steps == 0 and step < total_steps
+            checkpointing = train.checkpoint_every_steps > 0 and step % train.checkpoint_every_steps == 0
+            if logging:
+                files.log("train", step, position.epoch, metrics)
+            report = dict(metrics) | (run_eval() if evaluating else {})
+            if logging or evaluating or checkpointing:
+                files.flush()
+                if checkpointing:
+                    checkpoint.save_and_report(engine, report, position, config["fingerprint"], rank)
+                else:
+                    ray.train.report(report)  # a barrier: every worker calls it
+
+    # -- finish ------------------------------------------------------------------------------------
+    final = run_eval()
+    files.flush()
+    save_hf_model(engine, config["tokenizer"], storage.join(output_dir, "model"), rank,
+                  before_last_file=lambda: faults.maybe_fail(config["fault"], "mid_save", position.global_step,
+                                                             output_dir, attempt))
+    ray.train.report(metrics | final | {"step": position.global_step})

@@ -1,0 +1,87 @@
+"""What a run writes beside its checkpoints and model, under `train.output_dir` (a local path or a URI):
+
+- `metrics.jsonl` (rank 0): a line per logged step and per evaluation; a step logged twice across a restart
+  appears twice, the later line wins.
+- `samples/rank<r>.jsonl`: the sample ids of every step, with the attempt that trained them: the audit trail
+  behind "each sample exactly once per epoch".
+- `workers/rank<r>.json`: where each worker ran (node, device) and what it holds (its share of the
+  parameters under ZeRO-3, the checkpoint files it downloaded on resume).
+
+On a local (or shared) filesystem lines are appended as they come, so a progress bar can follow them; an
+object store cannot append, so there a file is rewritten whole at each `flush` (every logged step).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from ray_zephyr import storage
+
+
+class JsonLines:
+    """An append-only JSON-lines file in storage."""
+
+    def __init__(self, path: str, keep_existing: bool):
+        self.path, self.local = path, not storage.is_uri(path)
+        if self.local:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            if not keep_existing:
+                Path(path).unlink(missing_ok=True)
+            self.lines: list[str] = []
+        else:
+            self.lines = (storage.read_text(path) or "").splitlines() if keep_existing else []
+        self.dirty = False
+
+    def append(self, record: dict) -> None:
+        line = json.dumps(record)
+        if self.local:
+            with open(self.path, "a") as f:
+                f.write(line + "\n")
+        else:
+            self.lines.append(line)
+            self.dirty = True
+
+    def flush(self) -> None:
+        if self.dirty:
+            storage.write_text(self.path, "".join(line + "\n" for line in self.lines))
+            self.dirty = False
+
+
+class RunFiles:
+    """One worker's side files; `resumed` keeps what an earlier attempt of this run wrote."""
+
+    def __init__(self, output_dir: str, rank: int, attempt: str, resumed: bool):
+        self.output_dir, self.rank, self.attempt = output_dir, rank, attempt
+        self.metrics = JsonLines(storage.join(output_dir, "metrics.jsonl"), resumed) if rank == 0 else None
+        self.samples = JsonLines(storage.join(output_dir, "samples", f"rank{rank}.jsonl"), resumed)
+
+    def log(self, split: str, step: int, epoch: int, metrics: dict) -> None:
+        import time
+
+        if self.metrics is not None:
+            self.metrics.append({"split": split, "step": step, "epoch": epoch, **metrics, "time": time.time()})
+
+    def record_samples(self, epoch: int, step: int, micro_batches: list[dict]) -> None:
+        ids = [int(i) for rows in micro_batches for i in rows["sample_id"]]
+        self.samples.append({"attempt": self.attempt, "epoch": epoch, "step": step, "sample_ids": ids})
+
+    def flush(self) -> None:
+        for lines in (self.metrics, self.samples):
+            if lines is not None:
+                lines.flush()
+
+    def describe_worker(self, engine, **facts) -> None:
+        """Write workers/rank<r>.json: node, device, and the parameters this rank holds (ZeRO-3 partitions them)."""
+        import socket
+
+        import ray
+
+        params = list(engine.module.parameters())
+        total = sum(getattr(p, "ds_numel", p.numel()) for p in params)
+        held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
+        info = {"rank": self.rank, "attempt": self.attempt, "node_id": ray.get_runtime_context().get_node_id(),
+                "hostname": socket.gethostname(), "pid": os.getpid(), "device": str(engine.device),
+                "parameters": total, "parameters_held": held, **facts}
+        storage.write_text(storage.join(self.output_dir, "workers", f"rank{self.rank}.json"), json.dumps(info, indent=1))
