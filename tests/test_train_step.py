@@ -58,3 +58,51 @@ def test_deepspeed_config_follows_the_recipe():
     assert "optimizer" not in reference and "offload_optimizer" not in reference["zero_optimization"]
     cpu = deepspeed_config(load_recipe("tiny-sft").train)
     assert cpu["bf16"] == {"enabled": False} and cpu["optimizer"]["params"]["torch_adam"]
+
+
+def test_one_step_hands_two_collectives_tensors_on_the_engine_device(embedded_model_dir, monkeypatch):
+    """Under NCCL (Ray Train on GPU) a collective on a CPU tensor crashes; so every tensor the step all-reduces must
+    live on the engine's device, and there are two collectives per step (the loss denominator, then every metric
+    at once). The step believes it has a twin worker (world size 2, each collective doubles its tensor), which
+    also checks the arithmetic: means unchanged, totals doubled, the loss averaged over both workers' tokens."""
+    import torch
+
+    import ray_zephyr.train.step as step_module
+
+    init_single_process()
+    recipe = load_recipe("tiny-sft", ["train.num_workers=1", "train.global_batch_size=4", "train.per_device_batch_size=4",
+                                      f"model.name_or_path={embedded_model_dir}", "train.warmup_ratio=0"])
+    tokenizer = load_tokenizer(recipe)
+    from ray_zephyr.data.tokenize import tokenize_sft
+    from ray_zephyr.embedded import chat_row
+
+    tokenized = tokenize_sft(tokenizer, [chat_row(0, "train", i) for i in range(4)], 128, "keep_start", False)
+    rows = {k: np.array([np.array(t[k]) for t in tokenized], dtype=object) for k in tokenized[0]}
+    objective = make_objective(recipe, tokenizer.pad_token_id)
+    engine = build_engine(recipe, str(embedded_model_dir), total_steps=4)
+    alone = train_step(engine, objective, [rows])
+
+    handed = []
+
+    class TwinWorker:
+        """torch.distributed as the step sees it: two identical workers."""
+
+        @staticmethod
+        def is_initialized():
+            return True
+
+        @staticmethod
+        def get_world_size():
+            return 2
+
+        @staticmethod
+        def all_reduce(tensor):
+            handed.append(tensor.device)
+            tensor.mul_(2)
+
+    monkeypatch.setattr(step_module, "dist", TwinWorker)
+    twin = train_step(engine, objective, [rows])
+    assert handed == [engine.device, engine.device]
+    assert all(isinstance(d, torch.device) for d in handed)
+    assert twin["step_tokens"] == 2 * alone["step_tokens"]
+    assert twin["mean_token_accuracy"] >= 0 and twin["entropy"] > 0
