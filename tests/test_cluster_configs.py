@@ -183,6 +183,7 @@ def test_rayjob_runs_its_stage_script_and_recipe(stage):
     assert recipe.stage == stage
     groups = [cluster["spec"]["headGroupSpec"], *cluster["spec"]["workerGroupSpecs"]]
     assert all(recipe.train.output_dir.startswith(shared_mount(g) + "/") for g in groups), "outputs off the shared volume"
+    assert recipe.train.shared_filesystem  # else the job refuses a local path on a multi-node cluster
     workdir = re.search(r"^WORKDIR (\S+)", DOCKERFILE, re.M).group(1)
     assert yaml.safe_load(spec["runtimeEnvYAML"]) == {"working_dir": workdir}
     require_files(f"jobs/{stage}.py")

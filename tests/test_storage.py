@@ -83,3 +83,16 @@ def test_a_model_and_its_tokenizer_load_from_a_uri(s3, embedded_model_dir, tmp_p
 def test_unknown_scheme_is_one_line(tmp_path):
     with pytest.raises(UserError, match=r"cannot open storage 'nosuch://bucket/x'"):
         storage.listing("nosuch://bucket/x")
+
+
+def test_serving_loads_a_model_from_a_uri(s3, embedded_model_dir, tmp_path, monkeypatch):
+    from ray_zephyr.serving.engine import load_engine
+    from ray_zephyr.serving.settings import ServeSettings
+
+    monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "cache"))
+    uri = storage.join(s3, "dpo", "model")
+    storage.publish_dir(embedded_model_dir, uri)
+    settings = ServeSettings(model=uri, engine="transformers", num_gpus=0)
+    assert settings.served_name() == "dpo"
+    engine = load_engine(settings)
+    assert engine.context_length > 0 and "<|assistant|>" in engine.tokenizer.chat_template

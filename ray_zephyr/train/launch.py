@@ -3,12 +3,13 @@
 Everything that can be wrong with a recipe is checked before any model is loaded or row is read:
 model path, batch arithmetic, storage writability, the number of workers against the cluster, and a
 local output path on a cluster whose nodes do not share it. Everything the run writes goes to
-`train.output_dir` through `ray_zephyr.storage` (a local path or a URI); the driver reads the results
-from Ray Train's `Result`, never from a file a worker wrote on another node.
+`train.output_dir` through `ray_zephyr.storage` (a local path or a URI), so the driver reads the results
+from there, wherever the workers ran.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import uuid
 from collections.abc import Callable
@@ -24,13 +25,14 @@ from ray_zephyr.errors import UserError
 from ray_zephyr.train import checkpoint, faults
 from ray_zephyr.train.engine import grad_accumulation_steps
 from ray_zephyr.train.rows import Layout, write_rows
+from ray_zephyr.train.run_files import SUMMARY
 
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 @dataclass
 class TrainResult:
-    metrics: dict  # the last train metrics and the final evaluation, as the rank-0 worker reported them
+    metrics: dict  # the last train metrics and the final evaluation (<output_dir>/summary.json)
     model_dir: str  # local path or URI
     metrics_file: str  # local path or URI
     checkpoint: str | None
@@ -190,7 +192,7 @@ def run_training(recipe: Recipe, on_start: Callable[[int], None] | None = None) 
         on_start(total_steps)
     result = trainer.fit()
     return TrainResult(
-        metrics=dict(result.metrics or {}),
+        metrics=json.loads(storage.read_text(storage.join(output, SUMMARY)) or "{}"),
         model_dir=storage.join(output, "model"),
         metrics_file=storage.join(output, "metrics.jsonl"),
         checkpoint=result.checkpoint.path if result.checkpoint else None,

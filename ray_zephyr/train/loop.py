@@ -5,7 +5,7 @@
     loop     each global step: this worker's micro-batches -> forward, loss, backward, optimizer step
              (`step.train_step`) -> audit the samples -> log -> evaluate -> checkpoint
     finish   a last evaluation, the consolidated model published to <output_dir>/model, the summary
-             reported to Ray Train (the driver reads it from `Result.metrics`)
+             written to <output_dir>/summary.json (the driver reads it from there)
 
 torch.distributed is set up by Ray Train (gloo on CPU, nccl on GPU) before this runs. Which rows a worker
 trains on at each step is `rows.Layout`'s business; what a checkpoint holds is `checkpoint`'s.
@@ -92,4 +92,6 @@ def train_loop(config: dict) -> None:
     save_hf_model(engine, config["tokenizer"], storage.join(output_dir, "model"), rank,
                   before_last_file=lambda: faults.maybe_fail(config["fault"], "mid_save", position.global_step,
                                                              output_dir, attempt))
-    ray.train.report(metrics | final | {"step": position.global_step})
+    summary = metrics | final | {"step": position.global_step}
+    files.write_summary(summary)
+    ray.train.report(summary)

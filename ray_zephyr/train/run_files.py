@@ -4,6 +4,8 @@
   appears twice, the later line wins.
 - `samples/rank<r>.jsonl`: the sample ids of every step, with the attempt that trained them: the audit trail
   behind "each sample exactly once per epoch".
+- `summary.json` (rank 0, at the end): the last train metrics and the final evaluation, which the driver
+  reads back (Ray Train's `Result.metrics` holds only what came with the last checkpoint).
 - `workers/rank<r>.json`: where each worker ran (node, device) and what it holds (its share of the
   parameters under ZeRO-3, the checkpoint files it downloaded on resume).
 
@@ -18,6 +20,8 @@ import os
 from pathlib import Path
 
 from ray_zephyr import storage
+
+SUMMARY = "summary.json"
 
 
 class JsonLines:
@@ -56,6 +60,10 @@ class RunFiles:
         self.output_dir, self.rank, self.attempt = output_dir, rank, attempt
         self.metrics = JsonLines(storage.join(output_dir, "metrics.jsonl"), resumed) if rank == 0 else None
         self.samples = JsonLines(storage.join(output_dir, "samples", f"rank{rank}.jsonl"), resumed)
+        self.summary = storage.join(output_dir, SUMMARY)
+        if rank == 0 and not resumed and storage.exists(self.summary):  # an earlier run's, not ours
+            fs, path = storage.filesystem(self.summary)
+            fs.delete_file(path)
 
     def log(self, split: str, step: int, epoch: int, metrics: dict) -> None:
         import time
@@ -71,6 +79,10 @@ class RunFiles:
         for lines in (self.metrics, self.samples):
             if lines is not None:
                 lines.flush()
+
+    def write_summary(self, metrics: dict) -> None:
+        if self.rank == 0:
+            storage.write_text(self.summary, json.dumps(metrics, indent=1))
 
     def describe_worker(self, engine, **facts) -> None:
         """Write workers/rank<r>.json: node, device, and the parameters this rank holds (ZeRO-3 partitions them)."""
