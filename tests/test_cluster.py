@@ -187,23 +187,18 @@ def test_workers_ran_on_both_nodes_and_resumed_from_s3_with_their_own_shards(job
     assert len(seen) == 192 and len(set(seen)) == 192  # one epoch of 12 global batches of 16, each sample once
 
 
-def test_local_output_on_a_two_node_cluster_is_a_one_line_error(jobs, cluster):
+@pytest.mark.parametrize("name, message", [
+    ("local", "is a local path but the Ray cluster has 2 nodes: use a URI (s3://..., gs://...) for train.output_dir, "
+              "or a folder every node mounts with train.shared_filesystem=true"),
+    ("key", "unknown key 'train.lrr' (did you mean 'lr'?)"),
+])
+def test_a_bad_job_fails_with_a_one_line_error(jobs, cluster, name, message):
     _, submitted = jobs
-    job = submitted["local"]
+    job = submitted[name]
     assert f"Job '{job['id']}' failed" in job["status"]
     logs = _ray(cluster, "job", "logs", job["id"]).stdout
     errors = [line for line in logs.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "is a local path but the Ray cluster has 2 nodes" in errors[0], logs[-3000:]
-    assert "train.shared_filesystem=true" in errors[0] and "Traceback" not in logs
-
-
-def test_bad_recipe_key_fails_with_one_line_error(jobs, cluster):
-    _, submitted = jobs
-    job = submitted["key"]
-    assert f"Job '{job['id']}' failed" in job["status"]
-    logs = _ray(cluster, "job", "logs", job["id"]).stdout
-    errors = [line for line in logs.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "unknown key 'train.lrr' (did you mean 'lr'?)" in errors[0], logs[-3000:]
+    assert len(errors) == 1 and message in errors[0], logs[-3000:]
     assert "Traceback" not in logs
 
 

@@ -126,3 +126,9 @@ def test_rerun_with_another_recipe_is_refused_and_fresh_start_deletes(runs):
     assert Path(run_dir, "step_00000008", checkpoint.FINGERPRINT_FILE).is_file()
     checkpoint.check_resumable(run_dir, {"anything": 1}, "fresh")
     assert not Path(run_dir).exists()
+
+
+def test_run_names_are_unique_per_output_path():
+    a, b = checkpoint.run_name("/data/team-a/sft"), checkpoint.run_name("/data/team-b/sft")
+    assert a.startswith("sft-") and b.startswith("sft-") and a != b
+    assert checkpoint.run_name("s3://bucket/x/sft") != checkpoint.run_name("s3://other/x/sft")
