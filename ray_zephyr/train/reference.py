@@ -32,7 +32,7 @@ class ReferenceScorer:
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         batch = collate_preference(rows, self.pad_token_id, self.data.max_length, self.data.truncation_mode)
         batch = {k: v.to(self.device) for k, v in batch.items()}
-        stats = self.model(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+        stats = self.model(batch["input_ids"], batch["attention_mask"], batch["completion_mask"], token_stats=False)
         chosen, rejected = sequence_logps(stats, batch["input_ids"].shape[0])
         return rows | {"ref_chosen_logps": chosen.float().cpu().numpy(), "ref_rejected_logps": rejected.float().cpu().numpy()}
 

@@ -13,7 +13,9 @@ The order, derived by every worker with no coordination:
 - only the first `usable` positions are trained on, a whole number of global batches of G = B x W x A rows
   (the tail that cannot fill a global batch is left out of that epoch; a different tail each epoch when
   shuffling);
-- global step s takes positions [s*G, (s+1)*G); micro-batch m = p // B of them goes to worker m % W.
+- global step s takes positions [s*G, (s+1)*G); with `train.group_by_length` these G rows are ordered longest
+  first (by `num_tokens`), so each micro-batch holds rows of similar length (less padding; with packing, the
+  W micro-batches of each round carry similar token counts); micro-batch m = p // B goes to worker m % W.
 
 What a global step trains on depends on (seed, N, G) only, not on how G is split into workers and
 accumulation steps; a checkpoint after step s records (epoch, step), and a resumed worker continues at
@@ -28,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ray_zephyr import storage
 
@@ -59,10 +62,17 @@ class Layout:
             return np.arange(self.rows)
         return np.random.default_rng([self.seed, epoch]).permutation(self.rows)
 
-    def rank_sample_ids(self, epoch: int, rank: int, start_step: int = 0) -> np.ndarray:
-        """Worker `rank`'s samples of `epoch` from global step `start_step` on, in training order."""
-        positions = np.arange(start_step * self.global_batch, self.steps_per_epoch * self.global_batch)
-        return self.order(epoch)[positions[(positions // self.micro_batch) % self.world_size == rank]]
+    def rank_sample_ids(self, epoch: int, rank: int, start_step: int = 0, lengths: np.ndarray | None = None) -> np.ndarray:
+        """Worker `rank`'s samples of `epoch` from global step `start_step` on, in training order; given the rows'
+        `lengths`, each global batch is ordered longest first (its set of rows stays the same)."""
+        usable = self.steps_per_epoch * self.global_batch
+        order = self.order(epoch)[:usable]
+        if lengths is not None:
+            steps = order.reshape(-1, self.global_batch)
+            longest_first = np.argsort(-lengths[steps], axis=1, kind="stable")
+            order = np.take_along_axis(steps, longest_first, axis=1).ravel()
+        positions = np.arange(start_step * self.global_batch, usable)
+        return order[positions[(positions // self.micro_batch) % self.world_size == rank]]
 
 
 def eval_layout(rows: int, micro_batch: int, world_size: int) -> Layout:
@@ -81,18 +91,30 @@ def _plain_columns(batch: pa.Table) -> pa.Table:
     return batch
 
 
-def write_rows(batches: Iterator[pa.Table], folder: str) -> int:
-    """Write the (ordered) batches as `folder/rows.arrow` with a `sample_id` column; returns the row count."""
+def _num_tokens(batch: pa.Table) -> pa.Array:
+    """Tokens of a row: the sum of its token-id lists (`input_ids`; or `prompt_ids`, `chosen_ids`, `rejected_ids`)."""
+    counts = [pc.list_value_length(batch.column(name)) for name in batch.column_names if name.endswith("_ids")]
+    total = counts[0]
+    for count in counts[1:]:
+        total = pc.add(total, count)
+    return total
+
+
+def write_rows(batches: Iterator[pa.Table | pa.RecordBatch], folder: str) -> int:
+    """Write the (ordered) batches as `folder/rows.arrow` with `sample_id` and `num_tokens` columns; returns the
+    row count."""
     fs, where = storage.filesystem(folder)
     fs.create_dir(where, recursive=True)
     rows, writer, schema = 0, None, None
     with fs.open_output_stream(f"{where}/{ROWS_FILE}") as sink:
         for batch in batches:
-            batch = _plain_columns(batch).append_column("sample_id", pa.array(np.arange(rows, rows + batch.num_rows)))
+            batch = _plain_columns(batch)
+            batch = batch.append_column("sample_id", pa.array(np.arange(rows, rows + batch.num_rows)))
+            batch = batch.append_column("num_tokens", _num_tokens(batch))
             if writer is None:
                 schema = batch.schema
                 writer = pa.ipc.new_file(sink, schema)
-            writer.write_table(batch.cast(schema))
+            writer.write(batch.cast(schema))
             rows += batch.num_rows
         if writer is not None:
             writer.close()
@@ -105,6 +127,7 @@ class RowFile:
     def __init__(self, folder: str):
         local = Path(storage.local_copy(folder)) / ROWS_FILE
         self.table = pa.ipc.open_file(pa.memory_map(str(local))).read_all()
+        self.lengths = self.table.column("num_tokens").to_numpy()
 
     def micro_batches(self, sample_ids: np.ndarray, micro_batch: int) -> Iterator[dict[str, np.ndarray]]:
         """The rows `sample_ids`, B at a time, as numpy columns (lists of tokens as arrays)."""

@@ -22,28 +22,31 @@ import torch.distributed as dist
 from ray_zephyr.config import Recipe
 from ray_zephyr.data.collate import collate_preference, collate_sft
 from ray_zephyr.train.losses import MetricSums, dpo_loss, dpo_metrics, sequence_logps, sft_loss, sft_score_mask
+from ray_zephyr.train.packing import model_inputs, pack
 
 
 class SFTObjective:
     """Next-token loss on the supervised (assistant) tokens, a mean over the global batch's tokens."""
 
     def __init__(self, recipe: Recipe, pad_token_id: int):
-        self.pad_token_id = pad_token_id
+        self.pad_token_id, self.packing = pad_token_id, recipe.train.packing
 
     def collate(self, rows: dict) -> dict[str, torch.Tensor]:
         batch = collate_sft(rows, self.pad_token_id)
         batch["score_mask"] = sft_score_mask(batch.pop("labels"))
-        return batch
+        batch["lengths"] = batch["attention_mask"].sum(1)
+        return pack(batch, "score_mask") if self.packing else batch
 
     def loss_denominator(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Scored tokens (each predicted from the previous one)."""
         return batch["score_mask"][:, 1:].sum()
 
     def samples(self, batch: dict[str, torch.Tensor]) -> int:
-        return batch["input_ids"].shape[0]
+        return len(batch["lengths"])
 
-    def loss(self, model, batch: dict[str, torch.Tensor], denominator: torch.Tensor, metrics: MetricSums) -> torch.Tensor:
-        stats = model(batch["input_ids"], batch["attention_mask"], batch["score_mask"])
+    def loss(self, model, batch: dict[str, torch.Tensor], denominator: torch.Tensor, metrics: MetricSums,
+             token_stats: bool = True) -> torch.Tensor:
+        stats = model(**model_inputs(batch, "score_mask"), token_stats=token_stats)
         return sft_loss(stats, denominator, metrics)
 
 
@@ -53,12 +56,16 @@ class DPOObjective:
 
     def __init__(self, recipe: Recipe, pad_token_id: int, reference=None):
         self.pad_token_id, self.data, self.dpo, self.reference = pad_token_id, recipe.data, recipe.dpo, reference
+        self.packing = recipe.train.packing
 
     def collate(self, rows: dict) -> dict[str, torch.Tensor]:
-        return collate_preference(rows, self.pad_token_id, self.data.max_length, self.data.truncation_mode)
+        batch = collate_preference(rows, self.pad_token_id, self.data.max_length, self.data.truncation_mode)
+        batch["lengths"] = batch["attention_mask"].sum(1)
+        batch["completion_lengths"] = batch["completion_mask"].sum(1)
+        return pack(batch, "completion_mask") if self.packing else batch
 
     def samples(self, batch: dict[str, torch.Tensor]) -> int:
-        return batch["input_ids"].shape[0] // 2
+        return len(batch["lengths"]) // 2
 
     def loss_denominator(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Pairs."""
@@ -68,15 +75,16 @@ class DPOObjective:
         if self.reference is None:
             return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
         with torch.no_grad():
-            stats = self.reference(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
-            return sequence_logps(stats, batch["input_ids"].shape[0])
+            stats = self.reference(**model_inputs(batch, "completion_mask"), token_stats=False)
+            return sequence_logps(stats, len(batch["lengths"]))
 
-    def loss(self, model, batch: dict[str, torch.Tensor], denominator: torch.Tensor, metrics: MetricSums) -> torch.Tensor:
-        stats = model(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
-        chosen, rejected = sequence_logps(stats, batch["input_ids"].shape[0])
+    def loss(self, model, batch: dict[str, torch.Tensor], denominator: torch.Tensor, metrics: MetricSums,
+             token_stats: bool = True) -> torch.Tensor:
+        stats = model(**model_inputs(batch, "completion_mask"), token_stats=token_stats)
+        chosen, rejected = sequence_logps(stats, len(batch["lengths"]))
         ref_chosen, ref_rejected = self.reference_logps(batch)
         beta = self.dpo.beta
-        per_pair = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, batch["completion_mask"], beta,
+        per_pair = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, batch["completion_lengths"], beta,
                             self.dpo.loss_type, self.dpo.label_smoothing)
         dpo_metrics(metrics, stats, per_pair, chosen, rejected, ref_chosen, ref_rejected, beta)
         return per_pair.sum() / denominator
@@ -96,11 +104,12 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _on_device(engine, rows: dict) -> dict[str, torch.Tensor]:
-    return {k: v.to(engine.device) for k, v in rows.items()}
+    return {k: v.to(engine.device, non_blocking=True) for k, v in rows.items()}
 
 
-def train_step(engine, objective, micro_batches: list[dict]) -> dict[str, float]:
-    """One optimizer step over this worker's share (A micro-batches of rows) of a global batch."""
+def train_step(engine, objective, micro_batches: list[dict], token_stats: bool = True) -> dict[str, float]:
+    """One optimizer step over this worker's share (A micro-batches of rows) of a global batch; `token_stats`
+    adds entropy, token accuracy and mean logits (full-vocabulary work: only on the steps that are logged)."""
     start = time.perf_counter()
     engine.train()
     batches = [_on_device(engine, objective.collate(rows)) for rows in micro_batches]
@@ -110,7 +119,7 @@ def train_step(engine, objective, micro_batches: list[dict]) -> dict[str, float]
     lr = engine.get_lr()[0]
     metrics = MetricSums(engine.device)
     for batch in batches:
-        loss = objective.loss(engine, batch, denominator, metrics)
+        loss = objective.loss(engine, batch, denominator, metrics, token_stats)
         # The loss is already this worker's share of the global mean; DeepSpeed averages gradients over
         # workers, so scale by the world size and skip its own division by the accumulation steps.
         engine.backward(loss * world_size, scale_wrt_gas=False)
@@ -133,7 +142,7 @@ def evaluate(engine, objective, micro_batches: Iterable[dict]) -> dict[str, floa
 
 def _finish(objective, metrics: MetricSums, batches: list[dict], start: float) -> dict[str, float]:
     """Reduce the metrics over workers (one collective) and add the token and sample counts and rates."""
-    metrics.count("step_tokens", sum(b["attention_mask"].sum() for b in batches))
+    metrics.count("step_tokens", sum(b["lengths"].sum() for b in batches))
     metrics.count("step_samples", sum(objective.samples(b) for b in batches))
     out = metrics.means(all_reduce_sum)
     elapsed = max(time.perf_counter() - start, 1e-9)
