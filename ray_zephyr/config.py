@@ -94,6 +94,7 @@ class TrainConfig(_Section):
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     zero_stage: Literal[2, 3] = 3
+    zero_options: dict[str, int | float | bool] = {}  # extra DeepSpeed zero_optimization keys (bucket sizes, ...)
     offload_optimizer: bool = False
     offload_params: bool = False
     log_every_steps: int = Field(10, ge=1)

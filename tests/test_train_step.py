@@ -39,6 +39,7 @@ def test_precomputed_and_resident_reference_give_the_same_loss(embedded_model_di
         reference = build_reference(recipe, str(embedded_model_dir)) if mode == "resident" else None
         engine = build_engine(recipe, str(embedded_model_dir), total_steps=2)
         objective = make_objective(recipe, tokenizer.pad_token_id, reference)
+        batches = [objective.collate(b) for b in batches]
         runs[mode] = [train_step(engine, objective, batches[0:2]), train_step(engine, objective, batches[2:4])]
     assert runs["precomputed"][0]["loss"] == pytest.approx(np.log(2), abs=1e-5)  # policy == reference at step 1
     for step in range(2):
@@ -48,11 +49,13 @@ def test_precomputed_and_resident_reference_give_the_same_loss(embedded_model_di
 
 
 def test_deepspeed_config_follows_the_recipe():
-    recipe = load_recipe("zephyr-7b-beta-dpo", ["train.offload_optimizer=true"])
+    recipe = load_recipe("zephyr-7b-beta-dpo", ["train.offload_optimizer=true",
+                                                "train.zero_options={reduce_bucket_size: 50000000, overlap_comm: true}"])
     config = deepspeed_config(recipe.train)
     assert config["gradient_accumulation_steps"] == 64 // (4 * 16)
     assert config["bf16"] == {"enabled": True} and config["zero_optimization"]["stage"] == 3
     assert config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert config["zero_optimization"]["reduce_bucket_size"] == 50_000_000 and config["zero_optimization"]["overlap_comm"]
     assert "optimizer" not in config and config["zero_allow_untested_optimizer"]  # rmsprop: a torch optimizer
     reference = deepspeed_config(recipe.train, training=False)
     assert "optimizer" not in reference and "offload_optimizer" not in reference["zero_optimization"]
@@ -80,7 +83,8 @@ def test_one_step_hands_two_collectives_tensors_on_the_engine_device(embedded_mo
     rows = {k: np.array([np.array(t[k]) for t in tokenized], dtype=object) for k in tokenized[0]}
     objective = make_objective(recipe, tokenizer.pad_token_id)
     engine = build_engine(recipe, str(embedded_model_dir), total_steps=4)
-    alone = train_step(engine, objective, [rows])
+    batch = objective.collate(rows)
+    alone = train_step(engine, objective, [batch])
 
     handed = []
 
@@ -101,7 +105,7 @@ def test_one_step_hands_two_collectives_tensors_on_the_engine_device(embedded_mo
             tensor.mul_(2)
 
     monkeypatch.setattr(step_module, "dist", TwinWorker)
-    twin = train_step(engine, objective, [rows])
+    twin = train_step(engine, objective, [batch])
     assert handed == [engine.device, engine.device]
     assert all(isinstance(d, torch.device) for d in handed)
     assert twin["step_tokens"] == 2 * alone["step_tokens"]

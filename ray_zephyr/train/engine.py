@@ -40,6 +40,7 @@ def deepspeed_config(train: TrainConfig, training: bool = True) -> dict:
             zero["offload_param"] = {"device": "cpu", "pin_memory": train.use_gpu}
     if training and train.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": train.use_gpu}
+    zero |= train.zero_options  # e.g. reduce_bucket_size, stage3_prefetch_bucket_size, overlap_comm
     config = {
         "train_micro_batch_size_per_gpu": train.per_device_batch_size,
         "gradient_accumulation_steps": grad_accumulation_steps(train),

@@ -18,12 +18,13 @@ import uuid
 import ray.train
 
 from ray_zephyr import storage
+from ray_zephyr.data.pipeline import iter_with_stall_timeout
 from ray_zephyr.embedded import resolve_model_path
 from ray_zephyr.train import checkpoint, faults
 from ray_zephyr.train.engine import build_engine, build_reference, save_hf_model
 from ray_zephyr.train.rows import RowFile, eval_layout
 from ray_zephyr.train.run_files import RunFiles
-from ray_zephyr.train.step import evaluate, make_objective, train_step
+from ray_zephyr.train.step import collated, evaluate, make_objective, train_step
 
 
 def train_loop(config: dict) -> None:
@@ -46,11 +47,17 @@ def train_loop(config: dict) -> None:
     files = RunFiles(output_dir, rank, attempt, resumed=resumed is not None)
     files.describe_worker(engine, resumed_from_step=position.global_step if resumed else None, fetched=fetched)
 
+    def micro_batches(rows: RowFile, sample_ids, what: str):
+        """Collated micro-batches of `sample_ids`, prepared ahead in a background thread."""
+        batches = collated(objective, rows.micro_batches(sample_ids, layout.micro_batch), train.use_gpu)
+        return iter_with_stall_timeout(batches, recipe.data.stall_timeout_s, what)
+
     def run_eval() -> dict:
         if eval_rows is None:
             return {}
         order = eval_layout(config["eval_size"], layout.micro_batch, world_size)
-        metrics = evaluate(engine, objective, eval_rows.micro_batches(order.rank_sample_ids(0, rank), layout.micro_batch))
+        batches = micro_batches(eval_rows, order.rank_sample_ids(0, rank), "eval data")
+        metrics = evaluate(engine, objective, (batch for _, batch in batches))
         files.log("eval", position.global_step, position.epoch, metrics)
         return metrics
 
@@ -61,18 +68,18 @@ def train_loop(config: dict) -> None:
             position.epoch, position.step_in_epoch = position.epoch + 1, 0
         lengths = train_rows.lengths if train.group_by_length else None
         sample_ids = layout.rank_sample_ids(position.epoch, rank, position.step_in_epoch, lengths)
-        batches = train_rows.micro_batches(sample_ids, layout.micro_batch)
+        batches = micro_batches(train_rows, sample_ids, "train data")
         while position.step_in_epoch < layout.steps_per_epoch and position.global_step < total_steps:
-            micro_batches = [next(batches) for _ in range(layout.accumulation)]
+            step_ids, step_batches = zip(*[next(batches) for _ in range(layout.accumulation)], strict=True)
             step = position.global_step + 1
             logging = step % train.log_every_steps == 0 or step == total_steps
-            metrics = train_step(engine, objective, micro_batches, token_stats=logging)
+            metrics = train_step(engine, objective, list(step_batches), token_stats=logging)
             position.step_in_epoch += 1
             position.global_step = step
             position.num_tokens += metrics["step_tokens"]
             metrics |= {"step": step, "num_tokens": position.num_tokens,
                         "epoch": position.epoch + position.step_in_epoch / layout.steps_per_epoch}
-            files.record_samples(position.epoch, step, micro_batches)
+            files.record_samples(position.epoch, step, [i for ids in step_ids for i in ids])
             faults.maybe_fail(config["fault"], "after_step", step, output_dir, attempt, rank == world_size - 1)
 
             evaluating = train.eval_every_steps > 0 and step % train.eval_every_steps == 0 and step < total_steps

@@ -71,8 +71,7 @@ class RunFiles:
         if self.metrics is not None:
             self.metrics.append({"split": split, "step": step, "epoch": epoch, **metrics, "time": time.time()})
 
-    def record_samples(self, epoch: int, step: int, micro_batches: list[dict]) -> None:
-        ids = [int(i) for rows in micro_batches for i in rows["sample_id"]]
+    def record_samples(self, epoch: int, step: int, ids: list[int]) -> None:
         self.samples.append({"attempt": self.attempt, "epoch": epoch, "step": step, "sample_ids": ids})
 
     def flush(self) -> None:

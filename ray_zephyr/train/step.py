@@ -14,7 +14,7 @@ process with world size 1.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -103,16 +103,28 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def _on_device(engine, rows: dict) -> dict[str, torch.Tensor]:
-    return {k: v.to(engine.device, non_blocking=True) for k, v in rows.items()}
+def collated(objective, micro_batches: Iterable[dict], pin_memory: bool) -> Iterator[tuple[list[int], dict]]:
+    """(sample ids, collated batch) of each micro-batch of rows; pinned for a fast asynchronous copy to a GPU.
+    The loop runs this one step ahead in a background thread, so the host-side work of the next step overlaps
+    the device work of this one."""
+    for rows in micro_batches:
+        batch = objective.collate(rows)
+        if pin_memory:
+            batch = {k: v.pin_memory() for k, v in batch.items()}
+        yield [int(i) for i in rows["sample_id"]], batch
+
+
+def _on_device(engine, batch: dict) -> dict[str, torch.Tensor]:
+    return {k: v.to(engine.device, non_blocking=True) for k, v in batch.items()}
 
 
 def train_step(engine, objective, micro_batches: list[dict], token_stats: bool = True) -> dict[str, float]:
-    """One optimizer step over this worker's share (A micro-batches of rows) of a global batch; `token_stats`
-    adds entropy, token accuracy and mean logits (full-vocabulary work: only on the steps that are logged)."""
+    """One optimizer step over this worker's share (A collated micro-batches, `objective.collate`) of a global
+    batch; `token_stats` adds entropy, token accuracy and mean logits (full-vocabulary work: only on the steps
+    that are logged)."""
     start = time.perf_counter()
     engine.train()
-    batches = [_on_device(engine, objective.collate(rows)) for rows in micro_batches]
+    batches = [_on_device(engine, batch) for batch in micro_batches]
     denominator = all_reduce_sum(torch.stack([objective.loss_denominator(b) for b in batches]).sum().double())
     denominator = denominator.clamp(min=1)
     world_size = dist.get_world_size() if dist.is_initialized() else 1
@@ -129,12 +141,12 @@ def train_step(engine, objective, micro_batches: list[dict], token_stats: bool =
 
 @torch.no_grad()
 def evaluate(engine, objective, micro_batches: Iterable[dict]) -> dict[str, float]:
-    """Metrics over the given micro-batches (every worker must pass the same number), prefixed `eval_`."""
+    """Metrics over the given collated micro-batches (every worker must pass the same number), prefixed `eval_`."""
     start = time.perf_counter()
     engine.eval()
     metrics, batches = MetricSums(engine.device), []
-    for rows in micro_batches:
-        batch = _on_device(engine, objective.collate(rows))
+    for batch in micro_batches:
+        batch = _on_device(engine, batch)
         objective.loss(engine, batch, objective.loss_denominator(batch), metrics)
         batches.append(batch)
     return {f"eval_{k}": v for k, v in _finish(objective, metrics, batches, start).items()}
