@@ -12,6 +12,7 @@ import random
 import signal
 import socket
 import time
+from collections.abc import Iterable
 
 import httpx
 import pytest
@@ -46,16 +47,21 @@ def replica_pids(ray) -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def base_url(ray_session, embedded_model_dir):
-    from ray import serve
-
-    from serve.app import build_app
-
     settings = ServeSettings(
         model=str(embedded_model_dir), model_name=MODEL, engine="transformers", api_key=API_KEY, num_gpus=0,
         min_replicas=1, max_replicas=2, target_ongoing_requests=2, max_ongoing_requests=32,
         upscale_delay_s=0, downscale_delay_s=600, default_max_tokens=DEFAULT_MAX_TOKENS,
         max_request_bytes=MAX_REQUEST_BYTES, health_check_period_s=1, health_check_timeout_s=5,
     )
+    yield from serve_on_loopback(settings)
+
+
+def serve_on_loopback(settings: ServeSettings):
+    """Run the app on 127.0.0.1 (a free port) for a module fixture: yields the base URL, then shuts Serve down."""
+    from ray import serve
+
+    from serve.app import build_app
+
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(settings), name=APP, route_prefix="/")
@@ -357,9 +363,7 @@ def test_service_answers_again_after_its_replicas_are_killed(ray_session, client
     for name in killed:
         ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
 
-    answer = _wait_for_an_answer(client, 120, "the service did not come back after its replicas were killed")
-    assert answer.choices[0].message.role == "assistant"
-    assert set(_replica_actors(ray)).isdisjoint(killed)
+    wait_for_replacements(ray, client, killed, 120)
 
 
 def _wait_for_an_answer(client: OpenAI, seconds: float, why: str):
@@ -372,6 +376,16 @@ def _wait_for_an_answer(client: OpenAI, seconds: float, why: str):
             time.sleep(1)
 
 
+def wait_for_replacements(ray, client: OpenAI, old: Iterable[str], seconds: float) -> None:
+    """Until every replica in `old` is gone, new ones run, and the service answers again."""
+    deadline, old = time.monotonic() + seconds, set(old)
+    while not old.isdisjoint(_replica_actors(ray)) or not _replica_actors(ray):
+        assert time.monotonic() < deadline, f"Serve did not replace the replicas {sorted(old)} within {seconds} s"
+        time.sleep(1)
+    answer = _wait_for_an_answer(client, seconds, "the service did not answer after its replicas were replaced")
+    assert answer.choices[0].message.role == "assistant"
+
+
 def test_a_replica_failing_its_health_check_is_replaced(ray_session, client):
     """A frozen replica (SIGSTOP: alive, but answering nothing) misses its health check
     (`health_check_timeout_s` 5 here); Serve must replace it, and the service must answer again."""
@@ -380,12 +394,7 @@ def test_a_replica_failing_its_health_check_is_replaced(ray_session, client):
     for pid in frozen.values():
         os.kill(pid, signal.SIGSTOP)
     try:
-        deadline = time.monotonic() + 90
-        while not set(_replica_actors(ray_session)).isdisjoint(frozen) or not _replica_actors(ray_session):
-            assert time.monotonic() < deadline, "Serve did not replace the replicas that stopped answering"
-            time.sleep(1)
-        answer = _wait_for_an_answer(client, 60, "the service did not answer after its replicas were replaced")
-        assert answer.choices[0].message.role == "assistant"
+        wait_for_replacements(ray_session, client, frozen, 90)
     finally:
         for pid in frozen.values():  # if anything is left of them, let it die
             try:

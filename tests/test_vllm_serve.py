@@ -4,7 +4,8 @@ These need vLLM, which is no dependency of the project or of the main test comma
 builds a virtualenv of its own and runs them there (`-m vllm`, with RAY_ZEPHYR_VLLM_CHECK=1 so that a
 missing vLLM fails instead of skipping). The client side is the same as for the transformers engine
 (tests/test_serve_app.py): the official `openai` client, the bad-input table, the fuzz, and a replica
-killed, or whose engine dies, being replaced.
+killed, and one whose engine dies, being replaced. Every vLLM engine start takes a while on CPU, so the two
+replicas start, and are replaced, in parallel.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import signal
-import time
 
 import httpx
 import pytest
@@ -21,18 +21,17 @@ from openai import OpenAI
 from ray_zephyr.serving.settings import ServeSettings
 from tests.test_serve_app import (
     API_KEY,
-    APP,
     BAD_REQUESTS,
     DEFAULT_MAX_TOKENS,
     HELLO,
     MAX_REQUEST_BYTES,
     MODEL,
-    _free_port,
     _replica_actors,
-    _wait_for_an_answer,
     check_bad_request,
     check_fuzz,
     replica_pids,
+    serve_on_loopback,
+    wait_for_replacements,
 )
 
 pytestmark = pytest.mark.vllm
@@ -54,22 +53,14 @@ def vllm_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def base_url(ray_session, vllm_model_dir):
-    from ray import serve
-
-    from serve.app import build_app
-
     settings = ServeSettings(
         model=str(vllm_model_dir), model_name=MODEL, engine="vllm", api_key=API_KEY, num_gpus=0, num_cpus=1,
         vllm_engine_args={"kv_cache_memory_bytes": 256 << 20, "max_model_len": 2048, "enforce_eager": True},
-        min_replicas=1, max_replicas=1, target_ongoing_requests=16, max_ongoing_requests=32,
+        min_replicas=2, max_replicas=2, target_ongoing_requests=16, max_ongoing_requests=32,
         default_max_tokens=DEFAULT_MAX_TOKENS, max_request_bytes=MAX_REQUEST_BYTES,
         health_check_period_s=2, health_check_timeout_s=30,
     )
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(settings), name=APP, route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
+    yield from serve_on_loopback(settings)
 
 
 @pytest.fixture(scope="module")
@@ -124,29 +115,17 @@ def test_fields_are_honoured(client, vllm_model_dir):
     assert forced.choices[0].message.content.count("river") == DEFAULT_MAX_TOKENS
 
 
-def test_a_replica_whose_engine_dies_is_replaced(ray_session, client):
-    """vLLM's engine core runs in a child process of the replica; once it is gone the replica fails its
-    health check, and Serve must replace it."""
+def test_a_killed_replica_and_one_whose_engine_died_are_replaced(ray_session, client):
+    """One replica is killed; in the other, vLLM's engine core (a child process) is killed, so that
+    replica fails its health check. Serve must replace both (in parallel: each engine start is slow)."""
     import psutil
 
     pids = replica_pids(ray_session)
-    names = set(pids)
-    children = [c for pid in pids.values() for c in psutil.Process(pid).children(recursive=True)]
-    assert children, "the replica has no vLLM engine process"
-    for child in children:
-        child.send_signal(signal.SIGKILL)
-    deadline = time.monotonic() + 180
-    while not set(_replica_actors(ray_session)).isdisjoint(names) or not _replica_actors(ray_session):
-        assert time.monotonic() < deadline, "Serve did not replace the replica whose engine died"
-        time.sleep(1)
-    answer = _wait_for_an_answer(client, 180, "the service did not answer after its replica was replaced")
-    assert answer.choices[0].message.role == "assistant"
-
-
-def test_a_killed_replica_is_replaced(ray_session, client):
-    killed = _replica_actors(ray_session)
-    for name in killed:
-        ray_session.kill(ray_session.get_actor(name, namespace="serve"), no_restart=True)
-    answer = _wait_for_an_answer(client, 180, "the service did not come back after its replica was killed")
-    assert answer.choices[0].message.role == "assistant"
-    assert set(_replica_actors(ray_session)).isdisjoint(killed)
+    assert len(pids) == 2
+    (killed, _), (_, engine_owner) = sorted(pids.items())
+    engines = psutil.Process(engine_owner).children(recursive=True)
+    assert engines, "the replica has no vLLM engine process"
+    for engine in engines:
+        engine.send_signal(signal.SIGKILL)
+    ray_session.kill(ray_session.get_actor(killed, namespace="serve"), no_restart=True)
+    wait_for_replacements(ray_session, client, pids, 240)
