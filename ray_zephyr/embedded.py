@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 from pathlib import Path
 
 from ray_zephyr.data.chat import ZEPHYR_TEMPLATE
@@ -48,6 +49,27 @@ def _task(rng: random.Random) -> tuple[str, str, str]:
     word = rng.choice(WORDS)
     other = rng.choice([w for w in WORDS if len(w) != len(word)])
     return f"How many letters are in {word}?", f"{word} has {len(word)} letters.", f"{word} has {len(other)} letters."
+
+
+_QUESTIONS = {
+    re.compile(r"What is (\d) plus (\d)\?"): lambda a, b: f"{a} plus {b} is {int(a) + int(b)}.",
+    re.compile(r"Spell (\w+) backwards\."): lambda w: f"{w} backwards is {w[::-1]}.",
+    re.compile(r"Sort (\d) (\d) (\d)\."): lambda *n: f"Sorted: {' '.join(sorted(n))}.",
+    re.compile(r"How many letters are in (\w+)\?"): lambda w: f"{w} has {len(w)} letters.",
+}
+
+
+def right_answer(question: str) -> str | None:
+    """The one right answer to a task question (None: not a task question)."""
+    for pattern, answer in _QUESTIONS.items():
+        if found := pattern.fullmatch(question.strip()):
+            return answer(*found.groups())
+    return None
+
+
+def verify(prompt: list[dict], completion: str) -> float:
+    """The task's programmatic judge (AIF `judge.function: ray_zephyr.embedded:verify`): 1 if right, else 0."""
+    return float(completion.strip() == right_answer(prompt[-1]["content"]))
 
 
 def _conversation(rng: random.Random, teacher_accuracy: float = 1.0) -> list[dict]:
