@@ -10,13 +10,25 @@ from __future__ import annotations
 import asyncio
 import os
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import openai
 
 from ray_zephyr.aif.cache import ResponseCache
 from ray_zephyr.aif.config import EndpointConfig
 from ray_zephyr.errors import UserError
+
+T = TypeVar("T")
+
+
+class Unparseable(ValueError):
+    """An answer that cannot be read; `reason` is the countable part."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
 
 
 @dataclass
@@ -32,6 +44,7 @@ class Reply:
 class CallStats:
     calls: int = 0  # requests that reached the endpoint (retries by the client included once)
     cached: int = 0
+    reasks: int = 0  # extra requests made because an answer could not be parsed
     prompt_tokens: int = 0
     completion_tokens: int = 0
     errors: Counter = field(default_factory=Counter)
@@ -80,6 +93,21 @@ class ChatClient:
         if self.cache is not None:
             self.cache.put(key, {"texts": texts})
         return Reply(texts=texts)
+
+    async def ask(self, messages: list[dict], parse: Callable[[str], T], retries: int, **sampling) -> tuple[T | None, str | None]:
+        """`parse(answer)`, asking again (a new, separately cached request) up to `retries` times while it raises
+        Unparseable; returns (value, None) or (None, reason) with reason `unparseable_*` or `judge_<failure>`."""
+        reason = None
+        for attempt in range(retries + 1):
+            self.stats.reasks += attempt > 0
+            reply = await self.chat(messages, attempt=attempt, **sampling)
+            if reply.error is not None:
+                return None, f"judge_{reply.error}"
+            try:
+                return parse(reply.texts[0]), None
+            except Unparseable as exc:
+                reason = f"unparseable_{exc.reason}"
+        return None, reason
 
     async def close(self) -> None:
         await self._client.close()

@@ -1,21 +1,19 @@
 """The AIF job's config: prompts, generators, judge, binarization, output; validated like the training recipes.
 
-AIF configs live in `ray_zephyr/recipes/aif/` (found by name like the training recipes) so that training's
-recipe list stays training recipes only.
+AIF (and evaluation) configs live in `ray_zephyr/recipes/aif/` (`eval/`), found by name like the training
+recipes, so that training's recipe list stays training recipes only.
 """
 
 from __future__ import annotations
 
-from importlib import resources
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
 
-from ray_zephyr.config import SourceConfig, _Section, load_config
+from ray_zephyr.config import RECIPES_DIR, SourceConfig, _Section, load_config
 from ray_zephyr.errors import UserError
 
-AIF_RECIPES_DIR = resources.files("ray_zephyr") / "recipes" / "aif"
 
 
 class EndpointConfig(_Section):
@@ -91,12 +89,18 @@ class AIFRecipe(_Section):
         return self
 
 
-def load_aif_recipe(name_or_path: str, overrides: list[str] = ()) -> AIFRecipe:
+def job_config_file(name_or_path: str, kind: str) -> Path:
+    """A path as given, else a shipped `ray_zephyr/recipes/<kind>/<name>.yaml` (kind: aif or eval)."""
     path = Path(name_or_path)
-    if not path.is_file():
-        shipped = AIF_RECIPES_DIR / f"{name_or_path.removesuffix('.yaml')}.yaml"
-        if not shipped.is_file():
-            names = sorted(p.name.removesuffix(".yaml") for p in AIF_RECIPES_DIR.iterdir() if p.name.endswith(".yaml"))
-            raise UserError(f"AIF recipe {name_or_path!r} not found: not a file, and not one of {', '.join(names)}")
-        path = Path(str(shipped))
-    return load_config(path, list(overrides), AIFRecipe)
+    if path.is_file():
+        return path
+    folder = RECIPES_DIR / kind
+    shipped = folder / f"{name_or_path.removesuffix('.yaml')}.yaml"
+    if not shipped.is_file():
+        names = sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
+        raise UserError(f"{kind} recipe {name_or_path!r} not found: not a file, and not one of {', '.join(names)}")
+    return Path(str(shipped))
+
+
+def load_aif_recipe(name_or_path: str, overrides: list[str] = ()) -> AIFRecipe:
+    return load_config(job_config_file(name_or_path, "aif"), list(overrides), AIFRecipe)

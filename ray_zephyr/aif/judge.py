@@ -1,7 +1,7 @@
 """Rating every completion: an LLM teacher through `ChatClient`, or a Python callable for checkable tasks.
 
-An answer that cannot be parsed is asked again (`parse_retries` times, each a new cached request) and then
-counted by reason; a call that fails after the client's retries is counted by its failure. A completion
+An answer that cannot be parsed is asked again (`parse_retries` times, each a new cached request, see
+`ChatClient.ask`) and then counted by reason; a call that fails after the client's retries is counted by its failure. A completion
 without a rating is never given a score.
 """
 
@@ -15,9 +15,9 @@ from collections.abc import Callable
 from tqdm.auto import tqdm
 
 from ray_zephyr.aif.cache import ResponseCache
-from ray_zephyr.aif.client import CallStats, ChatClient
+from ray_zephyr.aif.client import CallStats, ChatClient, Unparseable
 from ray_zephyr.aif.config import JudgeConfig
-from ray_zephyr.aif.ratings import Rating, Unparseable, judge_messages, parse_rating, programmatic_rating
+from ray_zephyr.aif.ratings import Rating, judge_messages, parse_rating, programmatic_rating
 from ray_zephyr.errors import UserError
 
 Judged = tuple[Rating | None, str | None]  # a rating, or why there is none
@@ -35,7 +35,6 @@ class Judge:
     def __init__(self, config: JudgeConfig, cache: ResponseCache | None = None):
         self.config = config
         self.unrated: Counter = Counter()
-        self.parse_retries_used = 0
         self._client = ChatClient(config.endpoint, cache) if config.kind == "llm" else None
         self._function = load_function(config.function) if config.kind == "programmatic" else None
 
@@ -75,15 +74,5 @@ class Judge:
             await self._client.close()
 
     async def _rate_one(self, prompt: list[dict], answer: str) -> Judged:
-        reason = None
-        for attempt in range(self.config.parse_retries + 1):
-            self.parse_retries_used += attempt > 0
-            reply = await self._client.chat(judge_messages(prompt, answer), attempt=attempt,
-                                            temperature=self.config.temperature, max_tokens=self.config.max_tokens)
-            if reply.error is not None:
-                return None, f"judge_{reply.error}"
-            try:
-                return parse_rating(reply.texts[0]), None
-            except Unparseable as exc:
-                reason = f"unparseable_{exc.reason}"
-        return None, reason
+        return await self._client.ask(judge_messages(prompt, answer), parse_rating, self.config.parse_retries,
+                                      temperature=self.config.temperature, max_tokens=self.config.max_tokens)

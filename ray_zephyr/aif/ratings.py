@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from ray_zephyr.aif.client import Unparseable
+
 ASPECTS = ("instruction_following", "truthfulness", "honesty", "helpfulness")
 ASPECT_RANGE = (1, 5)
 OVERALL_RANGE = (1, 10)
@@ -52,14 +54,6 @@ class Rating:
     @property
     def mean(self) -> float:
         return sum(self.aspects.values()) / len(self.aspects)
-
-
-class Unparseable(ValueError):
-    """A judge answer we cannot read; `reason` is the countable part."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
 
 
 def judge_messages(prompt: list[dict], answer: str) -> list[dict]:

@@ -99,7 +99,7 @@ def run_aif(recipe: AIFRecipe) -> AIFSummary:
     stats = judge.stats
     summary.judge_calls, summary.judge_cached = stats.calls, stats.cached
     summary.judge_prompt_tokens, summary.judge_completion_tokens = stats.prompt_tokens, stats.completion_tokens
-    summary.judge_parse_retries = judge.parse_retries_used
+    summary.judge_parse_retries = stats.reasks
     summary.rated, summary.unrated = len(items) - sum(judge.unrated.values()), dict(unrated)
 
     rows, dropped = [], Counter()
