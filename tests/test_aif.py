@@ -118,7 +118,7 @@ def test_bad_answers_timeouts_and_5xx_are_retried_then_counted(judge_server, tmp
     assert judged["out of range"] == (None, "unparseable_out_of_range_instruction_following")
     assert judged["500 always"] == (None, "judge_http_503")
     assert judged["slow"] == (None, "judge_timeout")
-    assert judge.parse_retries_used == 1 + 2 + 2  # garbage once: 1 re-ask; the two unparseable ones: 2 each
+    assert judge.stats.reasks == 1 + 2 + 2  # garbage once: 1 re-ask; the two unparseable ones: 2 each
     assert judge.unrated == {"unparseable_missing_instruction_following": 1,
                              "unparseable_out_of_range_instruction_following": 1, "judge_http_503": 1, "judge_timeout": 1}
 
@@ -210,3 +210,18 @@ def test_aif_job_generates_judges_binarizes_and_resumes_from_the_cache(judge_ser
     prepared = build_datasets(dpo, load_tokenizer(dpo))
     assert prepared.train.count() == 6
     assert prepared.report().kept("train") == 6
+
+
+@pytest.mark.parametrize("job, args, message", [
+    ("jobs/aif.py", ["--config", "tiny-aif", "judge.functon=x"], "unknown key 'judge.functon'"),
+    ("jobs/evaluate.py", ["--config", "mt-bench-gpt4", "mt_bench=null", "alpaca_eval=null"], "nothing to evaluate"),
+])
+def test_jobs_report_config_errors_in_one_line(job, args, message):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, job, *args], cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.strip().startswith("error: ") and message in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1

@@ -11,7 +11,7 @@ from judge_stub import StubJudge, last_user_text
 
 from ray_zephyr.errors import UserError
 from ray_zephyr.evaluation.alpaca_eval import length_controlled_win_rate
-from ray_zephyr.evaluation.config import EvalRecipe
+from ray_zephyr.evaluation.config import EvalRecipe, load_eval_recipe
 from ray_zephyr.evaluation.judging import load_judge_prompts, parse_score, parse_verdict
 
 QUESTIONS = [
@@ -114,6 +114,7 @@ def test_verdict_parsing_and_judge_prompt_files(tmp_path):
     with pytest.raises(ValueError, match="conflicting_verdicts"):
         parse_verdict("[[A]] or [[B]]")
     assert set(load_judge_prompts(None, ("single-v1", "pair-v2"))) >= {"single-math-v1-multi-turn"}
+    assert load_eval_recipe("mt-bench-gpt4").mt_bench.questions == "HuggingFaceH4/mt_bench_prompts"
     broken = tmp_path / "judge_prompts.jsonl"
     broken.write_text(json.dumps({"name": "single-v1", "system_prompt": "x"}) + "\n")
     with pytest.raises(UserError, match=r"row 0: missing field 'prompt_template'"):

@@ -102,5 +102,16 @@ def job_config_file(name_or_path: str, kind: str) -> Path:
     return Path(str(shipped))
 
 
+def parse_job_config(description: str, kind: str, model: type[_Section], argv: list[str] | None = None):
+    """`--config <file or shipped name> [key=value ...]` for the AIF and evaluation jobs, loaded and validated."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", required=True, help=f"{kind} recipe file, or a shipped one (ray_zephyr/recipes/{kind})")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. output_dir=outputs/x")
+    args = parser.parse_args(argv)
+    return load_config(job_config_file(args.config, kind), args.overrides, model)
+
+
 def load_aif_recipe(name_or_path: str, overrides: list[str] = ()) -> AIFRecipe:
     return load_config(job_config_file(name_or_path, "aif"), list(overrides), AIFRecipe)

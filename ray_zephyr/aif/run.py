@@ -9,7 +9,6 @@ a rerun after a crash pays only for the calls that never finished.
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -17,7 +16,7 @@ from pathlib import Path
 
 from ray_zephyr.aif.binarize import Pair, binarize, prompt_rng
 from ray_zephyr.aif.cache import ResponseCache
-from ray_zephyr.aif.config import AIFRecipe, load_aif_recipe
+from ray_zephyr.aif.config import AIFRecipe, parse_job_config
 from ray_zephyr.aif.generate import generate
 from ray_zephyr.aif.judge import Judge
 from ray_zephyr.aif.prompts import read_prompts
@@ -122,11 +121,7 @@ def run_aif(recipe: AIFRecipe) -> AIFSummary:
 def main(argv: list[str] | None = None) -> AIFSummary:
     from ray_zephyr.runtime import init_ray
 
-    parser = argparse.ArgumentParser(description="AI feedback: generate, judge and binarize preference pairs")
-    parser.add_argument("--config", required=True, help="AIF recipe file, or a shipped one (ray_zephyr/recipes/aif)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. binarize=argilla")
-    args = parser.parse_args(argv)
-    recipe = load_aif_recipe(args.config, args.overrides)
+    recipe = parse_job_config("AI feedback: generate, judge and binarize preference pairs", "aif", AIFRecipe, argv)
     init_ray()
     summary = run_aif(recipe)
     for line in summary.lines():

@@ -7,15 +7,15 @@ Judge answers are cached in `<output_dir>/judge_cache.sqlite`, so a rerun pays o
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 from pathlib import Path
 
 from ray_zephyr.aif.cache import ResponseCache
 from ray_zephyr.aif.client import ChatClient
+from ray_zephyr.aif.config import parse_job_config
 from ray_zephyr.evaluation import alpaca_eval, mt_bench
-from ray_zephyr.evaluation.config import EvalRecipe, load_eval_recipe
+from ray_zephyr.evaluation.config import EvalRecipe
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -63,11 +63,7 @@ def run_evaluation(recipe: EvalRecipe) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     from ray_zephyr.runtime import init_ray
 
-    parser = argparse.ArgumentParser(description="Judged evaluation: MT-Bench and AlpacaEval style")
-    parser.add_argument("--config", required=True, help="eval recipe file, or a shipped one (ray_zephyr/recipes/eval)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. model.model=<folder>")
-    args = parser.parse_args(argv)
-    recipe = load_eval_recipe(args.config, args.overrides)
+    recipe = parse_job_config("Judged evaluation: MT-Bench and AlpacaEval style", "eval", EvalRecipe, argv)
     init_ray()
     results = run_evaluation(recipe)
     if "mt_bench" in results:
