@@ -179,6 +179,7 @@ def test_aif_job_generates_judges_binarizes_and_resumes_from_the_cache(judge_ser
              "batch_size": 3},
             {"name": "served", "engine": "openai", "n": 1, "max_tokens": 8,
              "endpoint": {"base_url": serve_url, "model": "tiny", "max_concurrency": 4}},
+            {"name": "teacher", "engine": "function", "function": "ray_zephyr.embedded:teacher", "n": 1},
         ],
         "judge": {"kind": "llm", "endpoint": _endpoint(judge_server).model_dump()},
         "binarize": "zephyr",
@@ -186,21 +187,21 @@ def test_aif_job_generates_judges_binarizes_and_resumes_from_the_cache(judge_ser
     })
     calls_before = len(judge_server.requests)
     summary = run_aif(recipe)
-    assert summary.prompts == 6 and summary.completions == {"local": 12, "served": 6}
-    assert summary.judge_calls == 18 == len(judge_server.requests) - calls_before and summary.judge_cached == 0
-    assert summary.rated == 18 and summary.pairs == 6 and summary.generated_tokens > 0
+    assert summary.prompts == 6 and summary.completions == {"local": 12, "served": 6, "teacher": 6}
+    assert summary.judge_calls == 24 == len(judge_server.requests) - calls_before and summary.judge_cached == 0
+    assert summary.rated == 24 and summary.pairs == 6 and summary.generated_tokens > 0
 
     table = pq.read_table(tmp_path / "aif" / "pairs.parquet").to_pylist()
     for row in table:
         scores = [c["overall"] for c in row["completions"]]
-        assert len(row["completions"]) == 3 and {c["generator"] for c in row["completions"]} == {"local", "served"}
+        assert [c["generator"] for c in row["completions"]] == ["local", "local", "served", "teacher"]
         assert row["score_chosen"] == max(scores) and row["score_rejected"] in scores
         assert row["chosen"][:-1] == row["rejected"][:-1] and row["chosen"][-1]["role"] == "assistant"
         assert row["messages"] == row["chosen"] and row["prompt"] == row["chosen"][-2]["content"]
 
     # A second run (as after a crash) pays for no judge call and gives the same pairs.
     again = run_aif(recipe)
-    assert again.judge_calls == 0 and again.judge_cached == 18 and len(judge_server.requests) - calls_before == 18
+    assert again.judge_calls == 0 and again.judge_cached == 24 and len(judge_server.requests) - calls_before == 24
     assert pq.read_table(tmp_path / "aif" / "pairs.parquet").to_pylist() == table
 
     # The DPO data pipeline reads the output as is.

@@ -31,8 +31,9 @@ class GeneratorConfig(_Section):
     """One model producing `n` completions per prompt, with its own sampling settings."""
 
     name: str  # how completions are labelled in the output
-    engine: Literal["transformers", "vllm", "openai"] = "transformers"
+    engine: Literal["transformers", "vllm", "openai", "function"] = "transformers"
     model: str | None = None  # transformers/vllm: HF folder, hub id or "embedded"
+    function: str | None = None  # function: "module:function"(prompt messages, n, seed) -> n completions
     endpoint: EndpointConfig | None = None  # openai
     n: int = Field(2, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
@@ -47,7 +48,9 @@ class GeneratorConfig(_Section):
     def _check(self) -> GeneratorConfig:
         if self.engine == "openai" and self.endpoint is None:
             raise ValueError(f"generator {self.name!r}: engine openai needs an endpoint")
-        if self.engine != "openai" and self.model is None:
+        if self.engine == "function" and (self.function is None or ":" not in self.function):
+            raise ValueError(f"generator {self.name!r}: engine function needs function: 'module:function'")
+        if self.engine in ("transformers", "vllm") and self.model is None:
             raise ValueError(f"generator {self.name!r}: engine {self.engine} needs a model")
         if self.engine == "vllm" and self.num_gpus == 0:
             raise ValueError(f"generator {self.name!r}: engine vllm needs num_gpus > 0; use transformers on CPU")

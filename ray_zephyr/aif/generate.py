@@ -1,10 +1,10 @@
 """K completions per prompt from one model, as a Ray Data batch-inference pass.
 
-Three back ends, one output: on CPU the project's own serving stack in-process (`load_engine` +
+Four back ends, one output: on CPU the project's own serving stack in-process (`load_engine` +
 `ChatService`, so prompts are rendered and limited exactly as the served model renders them); on GPU
-vLLM through `ray.data.llm` (imported only then); or any OpenAI-compatible endpoint through `ChatClient`
-(a paid API, or our Ray Serve app). Rows are `{id, messages, temperature?}`; the result maps each id to
-its completions `{generator, text, finish_reason, tokens}`.
+vLLM through `ray.data.llm` (imported only then); any OpenAI-compatible endpoint through `ChatClient` (a
+paid API, or our Ray Serve app); or a Python function (a task's own teacher). Rows are
+`{id, messages, temperature?}`; the result maps each id to its completions `{generator, text, finish_reason, tokens}`.
 """
 
 from __future__ import annotations
@@ -89,6 +89,19 @@ class EndpointCompletions(_Completions):
         return [{"generator": self.spec.name, "text": t} for t in reply.texts]
 
 
+class FunctionCompletions(_Completions):
+    """A Python function as a generator: a task's own teacher, or any program that writes answers."""
+
+    def __init__(self, spec: GeneratorConfig):
+        from ray_zephyr.aif.judge import load_function
+
+        super().__init__(spec)
+        self.function = load_function(spec.function)
+
+    async def _one(self, messages: list[dict], temperature: float, seed: int) -> list[dict]:
+        return [{"generator": self.spec.name, "text": text} for text in self.function(messages, self.spec.n, seed)]
+
+
 def _vllm_pass(ds: ray.data.Dataset, spec: GeneratorConfig) -> ray.data.Dataset:
     """vLLM via ray.data.llm (GPU only; not exercised by the CPU test suite). One row per sample."""
     from ray.data.llm import build_llm_processor, vLLMEngineProcessorConfig
@@ -116,7 +129,7 @@ def generate(rows: list[dict], spec: GeneratorConfig, seed: int) -> dict[str, li
     if spec.engine == "vllm":
         out = _vllm_pass(ds, spec)
     else:
-        udf = EngineCompletions if spec.engine == "transformers" else EndpointCompletions
+        udf = {"transformers": EngineCompletions, "openai": EndpointCompletions, "function": FunctionCompletions}[spec.engine]
         out = ds.map_batches(udf, fn_constructor_kwargs={"spec": spec}, batch_size=spec.batch_size,
                              concurrency=spec.concurrency, num_gpus=spec.num_gpus, batch_format="numpy")
     completions: dict[str, list[dict]] = defaultdict(list)
