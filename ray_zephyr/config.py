@@ -108,6 +108,7 @@ class DPOConfig(_Section):
     loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # conservative DPO (sigmoid only)
     reference: Literal["precomputed", "resident"] = "precomputed"
+    rpo_alpha: float = Field(0.0, ge=0)  # weight of an NLL term on the chosen answers (RPO); 0 = plain DPO
 
 
 class Recipe(_Section):
