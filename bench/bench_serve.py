@@ -1,12 +1,14 @@
-"""Ray Serve's cost: the same engine, model and prompts, called in-process vs through Serve over HTTP.
+"""Chat throughput at concurrency 16: the batching engine vs one request at a time, and Ray Serve's cost.
 
     python bench/bench_serve.py [--model FOLDER | --hidden-size 64 --layers 2] [--requests 100] [--rounds 3]
                                 [--concurrency 16] [--max-tokens 128]
 
-Both sides run the same requests (seeded, so both generate exactly the same tokens) through the same
-ChatService; the Serve side adds the HTTP proxy, the replica hop and JSON over loopback. One replica,
-one torch thread and the same process priority on both sides; the sides alternate in rounds. Prints
-requests/s, p50/p95 latency and the throughput ratio (target >= 0.9).
+Three sides run the same requests (seeded, so all generate exactly the same tokens) through ChatService:
+`unbatched` (the transformers engine with max_batch_rows=1: one request decodes at a time, as the engine
+did before it batched), `in-process` (the batching engine) and `ray-serve` (the same, behind the HTTP
+proxy, the replica hop and JSON over loopback). One replica, one torch thread and the same process
+priority everywhere; the sides alternate in rounds. Prints requests/s, p50/p95 latency, the batching
+speed-up (target >= 3) and the Serve / in-process throughput ratio (target >= 0.9).
 """
 
 from __future__ import annotations
@@ -134,9 +136,11 @@ def main() -> None:
     torch.set_num_threads(1)
     os.nice(max(0, RAY_WORKER_NICENESS - os.nice(0)))
     service = ChatService(load_engine(settings), MODEL_NAME, settings.max_n)
-    runs = {"in-process": [], "ray-serve": []}
+    unbatched = ChatService(load_engine(settings.model_copy(update={"max_batch_rows": 1})), MODEL_NAME, settings.max_n)
+    runs = {"unbatched": [], "in-process": [], "ray-serve": []}
     try:
         for _ in range(args.rounds):
+            runs["unbatched"].append(asyncio.run(in_process(unbatched, requests, warmup, args.concurrency)))
             runs["in-process"].append(asyncio.run(in_process(service, requests, warmup, args.concurrency)))
             runs["ray-serve"].append(asyncio.run(through_serve(url, requests, warmup, args.concurrency)))
     finally:
@@ -147,7 +151,10 @@ def main() -> None:
     }
     # Same requests on both sides, so a round's throughput ratio is the ratio of its wall times.
     per_round = [local[1] / served[1] for local, served in zip(runs["in-process"], runs["ray-serve"])]
-    print(f"load average over the last minute: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (other work skews both)")
+    print(f"load average over the last minute: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (other work skews "
+          "all sides; a figure counts only from a quiet machine, load < 1.5)")
+    print(f"batching speed-up in-process / unbatched: "
+          f"{figures['in-process']['rps'] / figures['unbatched']['rps']:.2f} (target >= 3)")
     print(f"throughput ratio serve / in-process: {figures['ray-serve']['rps'] / figures['in-process']['rps']:.3f} "
           f"(per round: {', '.join(f'{r:.3f}' for r in per_round)}; target >= 0.9)")
 

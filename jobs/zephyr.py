@@ -1,8 +1,11 @@
-"""The whole Zephyr recipe on this machine: dSFT -> dDPO -> evaluation -> chats with the served model.
+"""The whole Zephyr recipe on this machine: dSFT -> AI feedback -> dDPO -> evaluation -> chats with the served model.
 
-    python jobs/zephyr.py [--out outputs/zephyr] [--sft tiny-sft] [--dpo tiny-dpo] [key=value ...]
+    python jobs/zephyr.py [--out outputs/zephyr] [--sft tiny-sft] [--aif tiny-aif] [--dpo tiny-dpo] [key=value ...]
 
-Overrides apply to both recipes (`train.max_steps=20`) or to one stage (`sft.train.lr=1e-3`, `dpo.dpo.beta=0.2`).
+AI feedback: the dSFT model answers the task prompts several times, the task's verifier judges, and the
+binarized pairs are what dDPO trains on (the dDPO recipe's eval pairs stay the embedded held-out ones).
+Overrides apply to both training recipes (`train.max_steps=20`) or to one stage (`sft.train.lr=1e-3`,
+`dpo.dpo.beta=0.2`, `aif.generators.0.n=8`).
 The terminal shows progress bars and the results; Ray's, DeepSpeed's and the workers' logs go to <out>/zephyr.log.
 """
 
@@ -16,6 +19,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout sent with --working-dir needs no install
@@ -24,36 +28,42 @@ from ray_zephyr.errors import run_cli  # noqa: E402
 
 CHAT_PROMPTS = ["What is 3 plus 4?", "Sort 8 1 5.", "Spell tiger backwards."]
 SERVED_NAME = "zephyr-tiny"
-STAGES = ["dSFT", "dDPO", "evaluate", "chat"]
+STAGES = ["dSFT", "AIF", "dDPO", "evaluate", "chat"]
+VERIFIER = "ray_zephyr.embedded:verify"
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Run the Zephyr recipe end to end: dSFT, dDPO, evaluation, chat")
     parser.add_argument("--out", default="outputs/zephyr", help="where the models, curves and summary go")
     parser.add_argument("--sft", default="tiny-sft", help="dSFT recipe (file or shipped name)")
+    parser.add_argument("--aif", default="tiny-aif", help="AI-feedback recipe (file or shipped name in recipes/aif)")
     parser.add_argument("--dpo", default="tiny-dpo", help="dDPO recipe (file or shipped name)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="recipe overrides for both stages, or for one with a sft./dpo. prefix")
+                        help="recipe overrides for both training stages, or for one with a sft./aif./dpo. prefix")
     return parser.parse_args(argv)
 
 
 def load_recipes(args):
-    """Both recipes, validated before anything runs; dDPO starts from the dSFT model this run writes."""
+    """All recipes, validated before anything runs: the dSFT model this run writes answers the AIF prompts and
+    is dDPO's start; dDPO trains on the AIF pairs (unless `dpo.data.train` says otherwise)."""
+    from ray_zephyr.aif.config import load_aif_recipe
     from ray_zephyr.config import load_recipe
 
     out = Path(args.out).resolve()
-    per_stage = {"sft": [], "dpo": []}
+    per_stage = {"sft": [], "aif": [], "dpo": []}
     for override in args.overrides:
         stage, _, rest = override.partition(".")
         for name, overrides in per_stage.items():
             if stage == name:
                 overrides.append(rest)
-            elif stage not in per_stage:
+            elif stage not in per_stage and name != "aif":
                 overrides.append(override)
     sft = load_recipe(args.sft, [*per_stage["sft"], f"train.output_dir={out / 'sft'}"])
-    dpo = load_recipe(args.dpo, [*per_stage["dpo"], f"train.output_dir={out / 'dpo'}",
-                                 f"model.name_or_path={out / 'sft' / 'model'}"])
-    return out, sft, dpo
+    aif = load_aif_recipe(args.aif, [*per_stage["aif"], f"generators.0.model={out / 'sft' / 'model'}",
+                                     f"output_dir={out / 'aif'}"])
+    dpo = load_recipe(args.dpo, [f"data.train=[{{path: {out / 'aif' / 'pairs.parquet'}}}]", *per_stage["dpo"],
+                                 f"train.output_dir={out / 'dpo'}", f"model.name_or_path={out / 'sft' / 'model'}"])
+    return out, sft, aif, dpo
 
 
 @contextmanager
@@ -150,7 +160,17 @@ def served_chats(model_dir: Path, prompts: list[str], own_ray: bool) -> list[tup
             serve.shutdown()
 
 
-def summary(out: Path, sft, dpo, evaluation, chats, timings: dict[str, float]) -> tuple[str, dict]:
+def task_accuracies(dpo_recipe, sft_dir: Path, dpo_dir: Path) -> dict[str, float]:
+    """Greedy task accuracy of both models on the dDPO recipe's held-out prompts, checked by the task's verifier."""
+    from ray_zephyr.aif.prompts import read_prompts
+    from ray_zephyr.evaluation.task_accuracy import greedy_task_accuracy
+
+    prompts = read_prompts(dpo_recipe.data.eval, dpo_recipe.seed)
+    return {"prompts": len(prompts), "sft": greedy_task_accuracy(str(sft_dir), prompts, VERIFIER),
+            "dpo": greedy_task_accuracy(str(dpo_dir), prompts, VERIFIER)}
+
+
+def summary(out: Path, sft, aif, dpo, evaluation, accuracy, chats, timings: dict[str, float]) -> tuple[str, dict]:
     """The final text (table, where things are, how to chat) and the same numbers as a dict for summary.json."""
     from ray_zephyr.report import arrow, first_last, read_metrics, table
 
@@ -168,12 +188,20 @@ def summary(out: Path, sft, dpo, evaluation, chats, timings: dict[str, float]) -
         "dpo_logp_margin": evaluation.dpo.margin,
         "reward_accuracy": evaluation.reward_accuracy,
         "reward_margin": evaluation.reward_margin,
+        "aif": asdict(aif),
+        "task_prompts": accuracy["prompts"],
+        "sft_task_accuracy": accuracy["sft"],
+        "dpo_task_accuracy": accuracy["dpo"],
         "seconds": timings,
     }
     n = evaluation.pairs
     rows = [
         ("dSFT train loss (first -> last logged step)", arrow(numbers["sft_train_loss"])),
         ("dSFT eval loss, held-out chats (first -> last eval)", arrow(numbers["sft_eval_loss"])),
+        ("AIF: prompts / completions / pairs (verifier as judge)",
+         f"{aif.prompts} / {sum(aif.completions.values())} / {aif.pairs}"),
+        (f"greedy task accuracy, SFT model ({accuracy['prompts']} held-out prompts)", f"{accuracy['sft']:.3f}"),
+        (f"greedy task accuracy, DPO model ({accuracy['prompts']} held-out prompts)", f"{accuracy['dpo']:.3f}"),
         (f"preference accuracy, SFT model ({n} held-out pairs)", f"{evaluation.sft.accuracy:.3f}"),
         (f"preference accuracy, DPO model ({n} held-out pairs)", f"{evaluation.dpo.accuracy:.3f}"),
         ("log-prob margin chosen - rejected, SFT -> DPO", f"{evaluation.sft.margin:.2f} -> {evaluation.dpo.margin:.2f}"),
@@ -207,8 +235,8 @@ def summary(out: Path, sft, dpo, evaluation, chats, timings: dict[str, float]) -
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    out, sft_recipe, dpo_recipe = load_recipes(args)
-    for stage in ("sft", "dpo"):  # a fresh run: stale step logs would mix into the curves
+    out, sft_recipe, aif_recipe, dpo_recipe = load_recipes(args)
+    for stage in ("sft", "aif", "dpo"):  # a fresh run: stale step logs would mix into the curves
         shutil.rmtree(out / stage, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     start, timings = time.perf_counter(), {}
@@ -217,6 +245,7 @@ def main(argv=None) -> None:
         from tqdm import tqdm
 
         import ray.data
+        from ray_zephyr.aif.run import run_aif
         from ray_zephyr.evaluate import evaluate_preferences
         from ray_zephyr.report import plot_curves, read_metrics
         from ray_zephyr.runtime import init_ray
@@ -236,13 +265,16 @@ def main(argv=None) -> None:
             return result
 
         sft = timed("dSFT", lambda: train_with_progress(sft_recipe, "dSFT", stderr))
+        aif = timed("AIF", lambda: run_aif(aif_recipe))
         dpo = timed("dDPO", lambda: train_with_progress(dpo_recipe, "dDPO", stderr))
-        evaluation = timed("evaluate", lambda: evaluate_preferences(dpo_recipe, str(sft.model_dir), str(dpo.model_dir)))
+        evaluation, accuracy = timed("evaluate", lambda: (
+            evaluate_preferences(dpo_recipe, str(sft.model_dir), str(dpo.model_dir)),
+            task_accuracies(dpo_recipe, sft.model_dir, dpo.model_dir)))
         plot_curves(read_metrics(sft.metrics_file), read_metrics(dpo.metrics_file), out / "training_curves.png")
         chats = timed("chat", lambda: served_chats(dpo.model_dir, CHAT_PROMPTS, own_ray))
         stages.close()
         timings["total"] = time.perf_counter() - start
-        text, numbers = summary(out, sft, dpo, evaluation, chats, timings)
+        text, numbers = summary(out, sft, aif, dpo, evaluation, accuracy, chats, timings)
         (out / "summary.json").write_text(json.dumps(numbers, indent=2))
         (out / "summary.txt").write_text(text + "\n")
         print(text, file=stdout, flush=True)

@@ -108,6 +108,7 @@ class DPOConfig(_Section):
     loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # conservative DPO (sigmoid only)
     reference: Literal["precomputed", "resident"] = "precomputed"
+    rpo_alpha: float = Field(0.0, ge=0)  # weight of an NLL term on the chosen answers (RPO); 0 = plain DPO
 
 
 class Recipe(_Section):
@@ -153,7 +154,11 @@ def recipe_file(name_or_path: str) -> Path:
 
 
 def load_recipe(name_or_path: str, overrides: list[str] = ()) -> Recipe:
-    path = recipe_file(name_or_path)
+    return load_config(recipe_file(name_or_path), overrides, Recipe)
+
+
+def load_config(path: Path, overrides: list[str], model: type[BaseModel]) -> Any:
+    """Read a YAML file, apply `key=value` overrides and validate it into `model` (recipes and job configs alike)."""
     try:
         raw = _yaml(path.read_text())
     except yaml.YAMLError as exc:
@@ -162,7 +167,7 @@ def load_recipe(name_or_path: str, overrides: list[str] = ()) -> Recipe:
         raise UserError(f"recipe {path}: expected a mapping of sections, got {type(raw).__name__}")
     for override in overrides:
         apply_override(raw, override)
-    return validate_recipe(raw, source=str(path))
+    return validate_recipe(raw, source=str(path), model=model)
 
 
 def apply_override(raw: dict, override: str) -> None:
@@ -195,20 +200,20 @@ def apply_override(raw: dict, override: str) -> None:
         raise UserError(f"override {key!r}: cannot set {last!r} inside a {type(node).__name__}")
 
 
-def validate_recipe(raw: dict, source: str = "recipe") -> Recipe:
+def validate_recipe(raw: dict, source: str = "recipe", model: type[BaseModel] = Recipe) -> Any:
     try:
-        return Recipe.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as exc:
-        raise UserError(f"{source}: {_describe(exc.errors()[0])}") from None
+        raise UserError(f"{source}: {_describe(exc.errors()[0], model)}") from None
 
 
-def _describe(error: dict) -> str:
+def _describe(error: dict, root: type[BaseModel] = Recipe) -> str:
     """One line for the first validation error: where, what, and what is allowed."""
     loc = error["loc"]
     where = ".".join(str(p) for p in loc)
     kind = error["type"]
     if kind == "extra_forbidden":
-        section = _model_at(Recipe, loc[:-1])
+        section = _model_at(root, loc[:-1])
         fields = list(section.model_fields) if section else []
         close = difflib.get_close_matches(str(loc[-1]), fields, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""

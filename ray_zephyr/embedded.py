@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 from pathlib import Path
 
 from ray_zephyr.data.chat import ZEPHYR_TEMPLATE
@@ -48,6 +49,56 @@ def _task(rng: random.Random) -> tuple[str, str, str]:
     word = rng.choice(WORDS)
     other = rng.choice([w for w in WORDS if len(w) != len(word)])
     return f"How many letters are in {word}?", f"{word} has {len(word)} letters.", f"{word} has {len(other)} letters."
+
+
+def _swap_two(word: str, rng: random.Random) -> str:
+    i = rng.randrange(len(word) - 1)
+    return word[:i] + word[i + 1] + word[i] + word[i + 2:]
+
+
+# question pattern -> (right answer, near miss) from the question's parts
+_QUESTIONS = {
+    re.compile(r"What is (\d) plus (\d)\?"): (
+        lambda a, b: f"{a} plus {b} is {int(a) + int(b)}.",
+        lambda rng, a, b: f"{a} plus {b} is {int(a) + int(b) + rng.choice([-2, -1, 1, 2])}."),
+    re.compile(r"Spell (\w+) backwards\."): (
+        lambda w: f"{w} backwards is {w[::-1]}.",
+        lambda rng, w: f"{w} backwards is {_swap_two(w[::-1], rng)}."),
+    re.compile(r"Sort (\d) (\d) (\d)\."): (
+        lambda *n: f"Sorted: {' '.join(sorted(n))}.",
+        lambda rng, *n: f"Sorted: {' '.join(sorted(n, reverse=True))}."),
+    re.compile(r"How many letters are in (\w+)\?"): (
+        lambda w: f"{w} has {len(w)} letters.",
+        lambda rng, w: f"{w} has {len(w) + rng.choice([-1, 1])} letters."),
+}
+
+
+def _answers(question: str):
+    for pattern, answers in _QUESTIONS.items():
+        if found := pattern.fullmatch(question.strip()):
+            return answers, found.groups()
+    return None, ()
+
+
+def right_answer(question: str) -> str | None:
+    """The one right answer to a task question (None: not a task question)."""
+    answers, parts = _answers(question)
+    return answers[0](*parts) if answers else None
+
+
+def verify(prompt: list[dict], completion: str) -> float:
+    """The task's programmatic judge (AIF `judge.function: ray_zephyr.embedded:verify`): 1 if right, else 0."""
+    return float(completion.strip() == right_answer(prompt[-1]["content"]))
+
+
+def teacher(prompt: list[dict], n: int, seed: int) -> list[str]:
+    """The task's teacher as an AIF generator (`engine: function`): the right answer at TEACHER_ACCURACY, else a
+    near miss, like the answers in the SFT chats."""
+    rng = random.Random(seed)
+    answers, parts = _answers(prompt[-1]["content"])
+    if answers is None:
+        return ["I don't know."] * n
+    return [answers[0](*parts) if rng.random() < TEACHER_ACCURACY else answers[1](rng, *parts) for _ in range(n)]
 
 
 def _conversation(rng: random.Random, teacher_accuracy: float = 1.0) -> list[dict]:

@@ -1,13 +1,18 @@
 """The chat app on Ray Serve, bound to 127.0.0.1 with the tiny model, driven like a user would: the
-official `openai` client (plain and streaming), raw HTTP for bad input and the API key, a bounded load
-test, autoscaling under load, and recovery after the replicas are killed."""
+official `openai` client (plain and streaming), raw HTTP for bad input, fuzzed bodies and the API key, a
+bounded load test, autoscaling under load, and recovery after replicas are killed or stop answering
+their health check. The bad-input table and the fuzz are shared with tests/test_vllm_serve.py."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import random
+import signal
 import socket
 import time
+from collections.abc import Iterable
 
 import httpx
 import pytest
@@ -19,6 +24,8 @@ API_KEY = "test-key"
 MODEL = "tiny"
 APP = "chat"
 HELLO = [{"role": "user", "content": "What is 2 plus 3?"}]
+DEFAULT_MAX_TOKENS = 16
+MAX_REQUEST_BYTES = 64 * 1024
 
 
 def _free_port() -> int:
@@ -32,17 +39,29 @@ def _replica_actors(ray) -> list[str]:
     return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix))
 
 
+def replica_pids(ray) -> dict[str, int]:
+    """Each replica's process id, asked of the replica itself."""
+    return {name: ray.get(ray.get_actor(name, namespace="serve").__ray_call__.remote(lambda _: os.getpid()))
+            for name in _replica_actors(ray)}
+
+
 @pytest.fixture(scope="module")
 def base_url(ray_session, embedded_model_dir):
+    settings = ServeSettings(
+        model=str(embedded_model_dir), model_name=MODEL, engine="transformers", api_key=API_KEY, num_gpus=0,
+        min_replicas=1, max_replicas=2, target_ongoing_requests=2, max_ongoing_requests=32,
+        upscale_delay_s=0, downscale_delay_s=600, default_max_tokens=DEFAULT_MAX_TOKENS,
+        max_request_bytes=MAX_REQUEST_BYTES, health_check_period_s=1, health_check_timeout_s=5,
+    )
+    yield from serve_on_loopback(settings)
+
+
+def serve_on_loopback(settings: ServeSettings):
+    """Run the app on 127.0.0.1 (a free port) for a module fixture: yields the base URL, then shuts Serve down."""
     from ray import serve
 
     from serve.app import build_app
 
-    settings = ServeSettings(
-        model=str(embedded_model_dir), model_name=MODEL, engine="transformers", api_key=API_KEY, num_gpus=0,
-        min_replicas=1, max_replicas=2, target_ongoing_requests=2, max_ongoing_requests=32,
-        upscale_delay_s=0, downscale_delay_s=600,
-    )
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(settings), name=APP, route_prefix="/")
@@ -122,38 +141,150 @@ def _body(**changes) -> bytes:
     return json.dumps({k: v for k, v in body.items() if v is not ...}).encode()
 
 
+def _nested(depth: int) -> bytes:
+    return b'{"model": "%s", "messages": ' % MODEL.encode() + b"[" * depth + b"]" * depth + b"}"
+
+
+# case: (body, status, param, code); a code of None is not checked
 BAD_REQUESTS = {
-    "malformed JSON": (b'{"model": "tiny", "messages": [', 400, None),
-    "not an object": (b"[1, 2]", 400, None),
-    "missing messages": (_body(messages=...), 400, "messages"),
-    "empty messages": (_body(messages=[]), 400, "messages"),
-    "unknown role": (_body(messages=[{"role": "robot", "content": "hi"}]), 400, "messages[0].role"),
-    "missing content": (_body(messages=[{"role": "user"}]), 400, "messages[0].content"),
-    "two user turns": (_body(messages=HELLO * 2), 400, "messages[1].role"),
-    "starts with assistant": (_body(messages=[{"role": "assistant", "content": "hi"}]), 400, "messages[0].role"),
-    "ends with assistant": (_body(messages=[*HELLO, {"role": "assistant", "content": "5"}]), 400, "messages"),
-    "max_tokens 0": (_body(max_tokens=0), 400, "max_tokens"),
-    "max_tokens negative": (_body(max_tokens=-3), 400, "max_tokens"),
-    "beyond the context": (_body(max_tokens=5000), 400, "max_tokens"),
-    "prompt beyond the context": (_body(messages=[{"role": "user", "content": "apple " * 3000}]), 400, "messages"),
-    "unknown model": (_body(model="gpt-4"), 404, "model"),
-    "n too large": (_body(n=1000), 400, "n"),
-    "temperature out of range": (_body(temperature=7), 400, "temperature"),
-    "too many stop sequences": (_body(stop=["a", "b", "c", "d", "e"]), 400, "stop"),
-    "tools": (_body(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools"),
-    "seed beyond 64 bits": (_body(seed=2**64), 400, "seed"),
+    "malformed JSON": (b'{"model": "tiny", "messages": [', 400, None, "invalid_json"),
+    "deeply nested JSON": (_nested(20_000), 400, None, "invalid_json"),
+    "body too large": (_body(messages=[{"role": "user", "content": "x" * MAX_REQUEST_BYTES}]), 413, None,
+                       "request_too_large"),
+    "not an object": (b"[1, 2]", 400, None, None),
+    "missing messages": (_body(messages=...), 400, "messages", None),
+    "empty messages": (_body(messages=[]), 400, "messages", None),
+    "unknown role": (_body(messages=[{"role": "robot", "content": "hi"}]), 400, "messages[0].role", None),
+    "missing content": (_body(messages=[{"role": "user"}]), 400, "messages[0].content", None),
+    "two user turns": (_body(messages=HELLO * 2), 400, "messages[1].role", "invalid_turn_order"),
+    "starts with assistant": (_body(messages=[{"role": "assistant", "content": "hi"}]), 400, "messages[0].role",
+                              "invalid_turn_order"),
+    "ends with assistant": (_body(messages=[*HELLO, {"role": "assistant", "content": "5"}]), 400, "messages",
+                            "invalid_turn_order"),
+    "max_tokens 0": (_body(max_tokens=0), 400, "max_tokens", None),
+    "max_tokens negative": (_body(max_tokens=-3), 400, "max_tokens", None),
+    "beyond the context": (_body(max_tokens=5000), 400, "max_tokens", "context_length_exceeded"),
+    "prompt beyond the context": (_body(messages=[{"role": "user", "content": "apple " * 3000}]), 400, "messages",
+                                  "context_length_exceeded"),
+    "unknown model": (_body(model="gpt-4"), 404, "model", "model_not_found"),
+    "n too large": (_body(n=1000), 400, "n", None),
+    "temperature out of range": (_body(temperature=7), 400, "temperature", None),
+    "penalty out of range": (_body(frequency_penalty=3), 400, "frequency_penalty", None),
+    "logit_bias beyond the vocabulary": (_body(logit_bias={"999999": 1}), 400, "logit_bias", None),
+    "logit_bias not a token id": (_body(logit_bias={"apple": 1}), 400, "logit_bias.apple", None),
+    "too many stop sequences": (_body(stop=["a", "b", "c", "d", "e"]), 400, "stop", None),
+    "tools": (_body(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools", "unsupported"),
+    "logprobs": (_body(logprobs=True), 400, "logprobs", "unsupported"),
+    "response_format json": (_body(response_format={"type": "json_object"}), 400, "response_format", "unsupported"),
+    "a field nobody knows": (_body(temprature=0.5), 400, "temprature", "unsupported"),
+    "seed beyond 64 bits": (_body(seed=2**64), 400, "seed", None),
 }
 
 
-@pytest.mark.parametrize("case", list(BAD_REQUESTS))
-def test_bad_input_is_a_4xx_with_an_openai_error_body(base_url, case):
-    raw, status, param = BAD_REQUESTS[case]
+def post(base_url: str, raw: bytes) -> httpx.Response:
     headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
-    response = httpx.post(f"{base_url}/v1/chat/completions", content=raw, headers=headers, timeout=60)
+    return httpx.post(f"{base_url}/v1/chat/completions", content=raw, headers=headers, timeout=60)
+
+
+def check_bad_request(base_url: str, case: str) -> None:
+    raw, status, param, code = BAD_REQUESTS[case]
+    response = post(base_url, raw)
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert error["param"] == param and error["type"] == "invalid_request_error" and error["message"]
+    assert code is None or error["code"] == code
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_input_is_a_4xx_with_an_openai_error_body(base_url, case):
+    check_bad_request(base_url, case)
+
+
+def _mutations(rng: random.Random):
+    """Values a careless or hostile client might send in any field."""
+    junk = [None, True, -1, 0, 3, 2**70, 1.5, -0.5, "", "x", "\u0000", [], {}, [1, "a"], {"a": {"b": [None]}},
+            [{"role": "user"}], [{"role": "user", "content": [{"type": "text"}]}], "\ud800"]
+    return rng.choice(junk)
+
+
+FIELDS = ["model", "messages", "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "n", "seed",
+          "stream", "stream_options", "frequency_penalty", "presence_penalty", "logit_bias", "response_format", "user",
+          "tools", "logprobs", "top_logprobs", "functions", "foo"]
+
+
+def fuzz_bodies(count: int, seed: int = 0) -> list[bytes]:
+    """Valid requests with one to three fields replaced by junk, dropped or added, and a few broken bodies."""
+    rng = random.Random(seed)
+    bodies = []
+    for _ in range(count):
+        body = {"model": MODEL, "messages": list(HELLO), "max_tokens": 4}
+        for _ in range(rng.randint(1, 3)):
+            field = rng.choice(FIELDS)
+            if rng.random() < 0.2:
+                body.pop(field, None)
+            else:
+                body[field] = _mutations(rng)
+        raw = json.dumps(body).encode()
+        cut = rng.random()
+        bodies.append(raw[: int(len(raw) * cut)] if cut < 0.1 else raw)
+    return bodies
+
+
+async def _fuzz_one(http: httpx.AsyncClient, raw: bytes) -> str | None:
+    """None when the answer is whole or a proper 4xx, else what was wrong."""
+    response = await http.post("/v1/chat/completions", content=raw, headers={"Content-Type": "application/json"})
+    if 400 <= response.status_code < 500:
+        error = response.json().get("error", {})
+        return None if error.get("message") and error.get("type") == "invalid_request_error" else response.text
+    if response.status_code != 200:
+        return f"{response.status_code}: {response.text}"
+    if response.headers["content-type"].startswith("text/event-stream"):
+        return None if response.text.endswith("data: [DONE]\n\n") and '"error"' not in response.text else response.text
+    choices = response.json()["choices"]
+    return None if all(c["finish_reason"] in ("stop", "length") for c in choices) else response.text
+
+
+def check_fuzz(base_url: str, count: int) -> None:
+    async def run() -> list[tuple[bytes, str | None]]:
+        limit = asyncio.Semaphore(16)
+        async with _http(base_url) as http:
+            async def one(raw: bytes):
+                async with limit:
+                    return raw, await _fuzz_one(http, raw)
+
+            return await asyncio.gather(*(one(raw) for raw in fuzz_bodies(count)))
+
+    failures = [(raw, problem) for raw, problem in asyncio.run(run()) if problem is not None]
+    assert not failures, f"{len(failures)} of {count} fuzzed requests went wrong, e.g. {failures[0]}"
+
+
+def test_fuzzed_requests_get_an_answer_or_a_4xx(base_url):
+    check_fuzz(base_url, 200)
+
+
+def test_fields_are_honoured(client, embedded_model_dir):
+    """developer = system, the penalties change greedy text, logit_bias forces a token, and with no
+    max_tokens the answer stops at `default_max_tokens`."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir)
+    river = tokenizer("river", add_special_tokens=False)["input_ids"][0]
+    ask = dict(model=MODEL, temperature=0, max_tokens=12)
+    as_system = client.chat.completions.create(messages=[{"role": "system", "content": "Be brief."}, *HELLO], **ask)
+    as_developer = client.chat.completions.create(messages=[{"role": "developer", "content": "Be brief."}, *HELLO],
+                                                  **ask)
+    assert as_developer.choices[0].message.content == as_system.choices[0].message.content
+    assert as_developer.usage.prompt_tokens == as_system.usage.prompt_tokens
+
+    plain = client.chat.completions.create(messages=HELLO, **ask).choices[0].message.content
+    penalized = client.chat.completions.create(messages=HELLO, frequency_penalty=2, presence_penalty=2, **ask)
+    assert len(set(plain)) == 1 and len(set(penalized.choices[0].message.content)) > 1  # greedy repeats itself
+
+    forced = client.chat.completions.create(model=MODEL, messages=HELLO, logit_bias={str(river): 100}, seed=1,
+                                            response_format={"type": "text"}, user="someone")
+    assert forced.choices[0].message.content == tokenizer.decode([river] * DEFAULT_MAX_TOKENS)
+    assert forced.choices[0].finish_reason == "length" and forced.usage.completion_tokens == DEFAULT_MAX_TOKENS
 
 
 def _chat_body(i: int) -> dict:
@@ -232,13 +363,39 @@ def test_service_answers_again_after_its_replicas_are_killed(ray_session, client
     for name in killed:
         ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
 
-    deadline = time.monotonic() + 120
+    wait_for_replacements(ray, client, killed, 120)
+
+
+def _wait_for_an_answer(client: OpenAI, seconds: float, why: str):
+    deadline = time.monotonic() + seconds
     while True:
         try:
-            answer = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=4)
-            break
-        except Exception:  # noqa: BLE001 - until the controller has replaced the replicas
-            assert time.monotonic() < deadline, "the service did not come back after its replicas were killed"
+            return client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=4)
+        except Exception:  # noqa: BLE001 - until the controller has replaced the replica
+            assert time.monotonic() < deadline, why
             time.sleep(1)
+
+
+def wait_for_replacements(ray, client: OpenAI, old: Iterable[str], seconds: float) -> None:
+    """Until every replica in `old` is gone, new ones run, and the service answers again."""
+    deadline, old = time.monotonic() + seconds, set(old)
+    while not old.isdisjoint(_replica_actors(ray)) or not _replica_actors(ray):
+        assert time.monotonic() < deadline, f"Serve did not replace the replicas {sorted(old)} within {seconds} s"
+        time.sleep(1)
+    answer = _wait_for_an_answer(client, seconds, "the service did not answer after its replicas were replaced")
     assert answer.choices[0].message.role == "assistant"
-    assert set(_replica_actors(ray)).isdisjoint(killed)
+
+
+def test_a_replica_failing_its_health_check_is_replaced(ray_session, client):
+    """A frozen replica (SIGSTOP: alive, but answering nothing) misses its health checks
+    (`health_check_timeout_s` 5 here, 3 misses); Serve must stop it (force-killing it after its 20 s grace
+    period), start another, and the service must answer."""
+    name, pid = sorted(replica_pids(ray_session).items())[0]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_for_replacements(ray_session, client, [name], 180)
+    finally:
+        try:  # if anything is left of it, let it die
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass

@@ -1,10 +1,12 @@
 """The transformers engine and the shared service, in-process on the tiny model: greedy decoding
-matches `model.generate`, stop sequences and end-of-sequence finish a choice, streaming adds up to the
-plain answer, and concurrent requests interleave without disturbing each other."""
+matches `model.generate`, alone and in a batch, stop sequences and end-of-sequence finish a choice,
+streaming adds up to the plain answer, incremental detokenization equals `tokenizer.decode`, and
+requests joining and leaving the batch at different steps get the answers they get alone."""
 
 from __future__ import annotations
 
 import asyncio
+import random
 
 import httpx
 import pytest
@@ -12,10 +14,11 @@ import torch
 
 from ray_zephyr.errors import UserError
 from ray_zephyr.serving.api import build_api
-from ray_zephyr.serving.engine import load_engine
+from ray_zephyr.serving.engine import Sampling, load_engine
 from ray_zephyr.serving.protocol import ChatRequest
 from ray_zephyr.serving.service import ChatService
 from ray_zephyr.serving.settings import ServeSettings
+from ray_zephyr.serving.transformers_engine import Request
 
 HELLO = [{"role": "user", "content": "Spell river backwards."}]
 
@@ -92,16 +95,68 @@ def test_stream_adds_up_to_the_plain_answer(service):
     assert tokens == plain.usage.completion_tokens == 30
 
 
-def test_concurrent_requests_do_not_disturb_each_other(service):
-    seeds = range(6)
-    alone = [_complete(service, seed=s, max_tokens=8).choices[0].message.content for s in seeds]
+QUESTIONS = ["Spell river backwards.", "What is 2 plus 3?", "Sort 9 4 7 1 8 2 6.", "How many letters are in apple?"]
+
+
+def _ask(service: ChatService, i: int, **fields):
+    messages = [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)] * (1 + i % 3)}]
+    return service.prepare(ChatRequest(model="tiny", messages=messages, max_tokens=6 + 3 * i, **fields))
+
+
+def test_batched_requests_get_the_answers_they_get_alone(service):
+    """Prompts of different lengths, n of 1 to 3, joining the batch at different steps and leaving it at
+    different lengths: the padded, shared KV cache must not change a single token."""
+    fields = [dict(seed=i, n=1 + i % 3, temperature=1.0) for i in range(6)]
+    alone = [_complete_prepared(service, _ask(service, i, **f)) for i, f in enumerate(fields)]
 
     async def together():
-        answers = await asyncio.gather(*(service.complete(_prepare(service, seed=s, max_tokens=8)) for s in seeds))
-        return [a.choices[0].message.content for a in answers]
+        async def late(i: int):
+            await asyncio.sleep(0.01 * i)  # join a batch already decoding
+            return await service.complete(_ask(service, i, **fields[i]))
 
-    assert asyncio.run(together()) == alone
-    assert len(set(alone)) > 1
+        return await asyncio.gather(*(late(i) for i in range(len(fields))))
+
+    batched = asyncio.run(together())
+    assert [[c.message.content for c in a.choices] for a in batched] == [[c.message.content for c in a.choices]
+                                                                         for a in alone]
+    assert [a.usage.completion_tokens for a in batched] == [a.usage.completion_tokens for a in alone]
+
+
+def test_batched_greedy_matches_transformers_generate(service):
+    engine = service.engine
+    prepared = [_ask(service, i, temperature=0) for i in range(4)]
+    answers = asyncio.run(_gather(service, prepared))
+    for p, answer in zip(prepared, answers):
+        with torch.inference_mode():
+            out = engine.model.generate(torch.tensor([p.prompt_ids]), max_new_tokens=p.sampling.max_tokens,
+                                        do_sample=False)[0, len(p.prompt_ids):]
+        assert answer.choices[0].message.content == engine.tokenizer.decode(
+            [t for t in out.tolist() if t not in engine.eos_ids], skip_special_tokens=True)
+
+
+def test_incremental_detokenization_equals_tokenizer_decode(service):
+    """Random token ids (half UTF-8 characters, special tokens) fed one by one through a request's
+    sampler at temperature 0: the streamed pieces add up to `tokenizer.decode` of the same ids."""
+    engine, rng = service.engine, random.Random(0)
+    vocab = engine.model.config.vocab_size
+    for _ in range(50):
+        ids = [rng.choice([t for t in range(vocab) if t not in engine.eos_ids]) for _ in range(rng.randint(1, 30))]
+        request = Request(engine, [1], Sampling(max_tokens=len(ids), temperature=0))
+        text = ""
+        for token in ids:
+            logits = torch.full((1, vocab), -1e9)
+            logits[0, token] = 0
+            text += "".join(p.text for p in request.sample(logits, request.choices))
+        assert text == engine.tokenizer.decode(ids, skip_special_tokens=True)
+        assert request.finished
+
+
+async def _gather(service: ChatService, prepared: list):
+    return await asyncio.gather(*(service.complete(p) for p in prepared))
+
+
+def _complete_prepared(service: ChatService, prepared):
+    return asyncio.run(service.complete(prepared))
 
 
 def test_api_without_a_key_is_open(service):

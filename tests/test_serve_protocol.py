@@ -56,16 +56,28 @@ def test_bad_requests_name_the_param(fields, param):
 
 
 def test_vllm_sampling_params_mapping():
-    sampling = Sampling(max_tokens=32, temperature=0.7, top_p=0.9, n=3, stop=("\n\n", "</s>"), seed=5)
+    sampling = Sampling(max_tokens=32, temperature=0.7, top_p=0.9, n=3, stop=("\n\n", "</s>"), seed=5,
+                        frequency_penalty=0.5, presence_penalty=-1.0, logit_bias=((7, 2.0),))
     assert sampling_params_kwargs(sampling) == {
         "n": 3, "max_tokens": 32, "temperature": 0.7, "top_p": 0.9, "stop": ["\n\n", "</s>"], "seed": 5,
+        "frequency_penalty": 0.5, "presence_penalty": -1.0, "logit_bias": {7: 2.0},
         "include_stop_str_in_output": False, "skip_special_tokens": True,
     }
-    assert [finish_reason(r) for r in (None, "stop", "length", "abort")] == [None, "stop", "length", "stop"]
+    assert [finish_reason(r) for r in (None, "stop", "length")] == [None, "stop", "length"]
+    with pytest.raises(OpenAIError) as aborted:  # an aborted answer is not a finished one
+        finish_reason("abort")
+    assert aborted.value.status == 503 and aborted.value.error.code == "aborted"
+
+
+def test_developer_is_system_and_neutral_values_of_unsupported_fields_pass():
+    request = _parse(messages=[{"role": "developer", "content": "be brief"}, {"role": "user", "content": "hi"}],
+                     response_format={"type": "text"}, tools=[], logprobs=False, tool_choice=None, user="u1")
+    assert [m.role for m in request.messages] == ["system", "user"]
 
 
 def test_settings_defaults_suit_a_7b_model_on_one_gpu_per_replica():
     options = ServeSettings().deployment_options()
+    assert (options["health_check_period_s"], options["health_check_timeout_s"]) == (10, 30)
     assert options["ray_actor_options"] == {"num_gpus": 1, "num_cpus": 1, "runtime_env": {"env_vars": REPLICA_ENV}}
     assert options["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 32,
                                              "upscale_delay_s": 30, "downscale_delay_s": 300}
@@ -77,7 +89,7 @@ def test_settings_defaults_suit_a_7b_model_on_one_gpu_per_replica():
 @pytest.mark.parametrize("bad", [
     {"min_replicas": 3, "max_replicas": 2},
     {"target_ongoing_requests": 100, "max_ongoing_requests": 10},
-    {"engine": "vllm", "num_gpus": 0},
+    {"engine": "vllm", "num_gpus": 0},  # on CPU vLLM needs kv_cache_memory_bytes
     {"engine": "tgi"},
     {"max_replicas": "many"},
     {"replicas": 2},
@@ -85,6 +97,11 @@ def test_settings_defaults_suit_a_7b_model_on_one_gpu_per_replica():
 def test_settings_reject_nonsense(bad):
     with pytest.raises(ValidationError):
         ServeSettings(**bad)
+
+
+def test_vllm_on_cpu_is_allowed_with_its_kv_cache_size():
+    settings = ServeSettings(engine="vllm", num_gpus=0, vllm_engine_args={"kv_cache_memory_bytes": 1 << 30})
+    assert settings.deployment_options()["ray_actor_options"]["num_gpus"] == 0
 
 
 @pytest.mark.parametrize("name", ["config.yaml", "config.gpu.yaml"])

@@ -114,3 +114,30 @@ def test_sft_loss_weighs_tokens_equally_across_uneven_micro_batches(embedded_mod
     assert summed.item() == pytest.approx(reference.item(), abs=1e-6)
     mean_of_means = sum(-p.logps.mean() for p in parts) / 2
     assert abs(mean_of_means.item() - reference.item()) > 1e-3
+
+
+def test_rpo_term_equals_trl_sigmoid_plus_weighted_sft_loss(embedded_model_dir, tmp_path):
+    """dpo.rpo_alpha adds the chosen answer's mean token NLL, weighted: TRL's loss_type [sigmoid, sft] with
+    loss_weights [1, alpha] (one pair per batch, where TRL's batch-wide token mean is the pair's own)."""
+    from ray_zephyr.config import load_recipe
+    from ray_zephyr.train.step import make_objective
+
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir)
+    policy, reference = _perturbed(embedded_model_dir, 3), AutoModelForCausalLM.from_pretrained(embedded_model_dir)
+    row = preference_row(0, "train", 7)
+    data = Dataset.from_list([{"prompt": row["chosen"][:-1], "chosen": row["chosen"][-1:], "rejected": row["rejected"][-1:]}])
+    args = trl.DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=1, beta=0.2, loss_type=["sigmoid", "sft"],
+                         loss_weights=[1.0, 0.7], max_length=48, report_to=[], use_cpu=True, bf16=False, seed=0)
+    trainer = trl.DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=data, processing_class=tokenizer)
+    batch = _first_batch(trainer)
+    expected = trainer.compute_loss(trainer.model, batch).item()
+
+    recipe = load_recipe("tiny-dpo", [f"model.name_or_path={embedded_model_dir}", "dpo.beta=0.2", "dpo.rpo_alpha=0.7",
+                                      "train.packing=false"])
+    objective = make_objective(recipe, tokenizer.pad_token_id, TokenScorer(reference))
+    ours = {k: batch[k] for k in ("input_ids", "attention_mask", "completion_mask")}
+    ours |= {"lengths": batch["attention_mask"].sum(1), "completion_lengths": batch["completion_mask"].sum(1)}
+    metrics = MetricSums()
+    loss = objective.loss(TokenScorer(trainer.model), ours, torch.tensor(1.0), metrics)
+    assert loss.item() == pytest.approx(expected, abs=1e-5)
+    assert metrics.means()["nll_loss"] > 0

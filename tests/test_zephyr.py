@@ -1,4 +1,4 @@
-"""`python jobs/zephyr.py`, the README's main command, as a user runs it: dSFT -> dDPO -> evaluation -> chats
+"""`python jobs/zephyr.py`, the README's main command, as a user runs it: dSFT -> AIF -> dDPO -> evaluation -> chats
 with the served model -> summary, on fewer rows than the default so it stays around 3 minutes (slow)."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SMALLER = ["sft.data.train=[{path: embedded, split: train, rows: 800}]",
-           "dpo.data.train=[{path: embedded, split: train, rows: 480}]",
+           "aif.prompts=[{path: embedded, split: train, rows: 800}]",
            "data.eval=[{path: embedded, split: test, rows: 96}]"]
 
 
@@ -34,7 +34,9 @@ def test_exits_cleanly_with_a_summary_table(run):
     assert done.returncode == 0, done.stderr[-4000:] + (out / "zephyr.log").read_text()[-4000:]
     assert "== ray-zephyr: the Zephyr recipe end to end in" in done.stdout
     for row in ("dSFT eval loss, held-out chats", "preference accuracy, SFT model (96 held-out pairs)",
-                "preference accuracy, DPO model (96 held-out pairs)", "DPO reward accuracy / margin vs SFT reference"):
+                "preference accuracy, DPO model (96 held-out pairs)", "DPO reward accuracy / margin vs SFT reference",
+                "AIF: prompts / completions / pairs (verifier as judge)", "greedy task accuracy, SFT model",
+                "greedy task accuracy, DPO model"):
         assert f"| {row}" in done.stdout
     assert f"model:   {out / 'dpo' / 'model'}" in done.stdout
     assert f"serve run serve.app:build_app model={out / 'dpo' / 'model'}" in done.stdout
@@ -48,6 +50,8 @@ def test_learning_is_visible(run):
     assert numbers["pairs"] == 96
     assert numbers["dpo_preference_accuracy"] > numbers["sft_preference_accuracy"]
     assert numbers["reward_margin"] > 0
+    assert numbers["aif"]["pairs"] > 100 and numbers["aif"]["dropped_prompts"].keys() <= {"tie", "fewer_than_2_rated"}
+    assert numbers["dpo_task_accuracy"] >= numbers["sft_task_accuracy"]  # what the model says did not get worse
     first, last = numbers["sft_eval_loss"]
     assert last < first
     assert f"| {numbers['dpo_preference_accuracy']:.3f}" in done.stdout  # the table shows the same numbers

@@ -2,11 +2,13 @@
 
 Every error, ours or the framework's (unknown route, wrong method), leaves as an OpenAI error body.
 With an API key set, every route but /health needs `Authorization: Bearer <key>`; /health stays open so
-load balancers and probes can reach it.
+load balancers and probes can reach it. Parsing, chat templating and tokenization run on a thread, so
+a long prompt never stalls the event loop that streams everyone else's tokens.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -35,14 +37,29 @@ async def _sse(service: ChatService, prepared: Prepared) -> AsyncIterator[str]:
     try:
         async for chunk in service.stream(prepared):
             yield f"data: {chunk.model_dump_json(exclude_unset=True)}\n\n"
-    except Exception:  # noqa: BLE001 - headers are sent: the error can only travel as an event
+    except Exception as exc:  # noqa: BLE001 - headers are sent: the error can only travel as an event
         logger.exception("generation failed mid-stream (request %s)", prepared.id)
-        yield f"data: {json.dumps(OpenAIError(500, 'generation failed', type='server_error').body())}\n\n"
+        error = exc if isinstance(exc, OpenAIError) else OpenAIError(500, "generation failed", type="server_error")
+        yield f"data: {json.dumps(error.body())}\n\n"
         return
     yield "data: [DONE]\n\n"
 
 
-def build_api(service: ChatService, api_key: str | None = None) -> FastAPI:
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, or 413 as soon as it is known to exceed `limit` bytes (declared or streamed)."""
+    too_large = OpenAIError(413, f"the request body exceeds {limit} bytes", code="request_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    return bytes(body)
+
+
+def build_api(service: ChatService, api_key: str | None = None, max_request_bytes: int = 1 << 20) -> FastAPI:
     app = FastAPI(title="ray-zephyr chat", docs_url=None, redoc_url=None)
 
     @app.middleware("http")
@@ -77,7 +94,8 @@ def build_api(service: ChatService, api_key: str | None = None) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        prepared = service.prepare(parse_request(await request.body()))
+        body = await _read_body(request, max_request_bytes)
+        prepared = await asyncio.to_thread(lambda: service.prepare(parse_request(body)))
         if prepared.request.stream:
             return StreamingResponse(_sse(service, prepared), media_type="text/event-stream")
         completion = await service.complete(prepared)

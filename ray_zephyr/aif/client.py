@@ -1,0 +1,113 @@
+"""Chat calls to any OpenAI-compatible endpoint: bounded concurrency, retries with backoff, timeouts, a cache.
+
+The `openai` package does the HTTP, the timeouts and the retries (exponential backoff with jitter on
+timeouts, connection errors, 408/409/429 and 5xx); this module adds a bound on requests in flight, the
+content-keyed cache, token counts, and turns a final failure into a short reason instead of an exception.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import openai
+
+from ray_zephyr.aif.cache import ResponseCache
+from ray_zephyr.aif.config import EndpointConfig
+from ray_zephyr.errors import UserError
+
+T = TypeVar("T")
+
+
+class Unparseable(ValueError):
+    """An answer that cannot be read; `reason` is the countable part."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class Reply:
+    """One chat answer (`texts`, one per choice), or `error`: why no answer came."""
+
+    texts: list[str] = field(default_factory=list)
+    error: str | None = None
+    cached: bool = False
+
+
+@dataclass
+class CallStats:
+    calls: int = 0  # requests that reached the endpoint (retries by the client included once)
+    cached: int = 0
+    reasks: int = 0  # extra requests made because an answer could not be parsed
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    errors: Counter = field(default_factory=Counter)
+
+
+def failure_reason(exc: Exception) -> str:
+    """A short, countable name for a call that failed after its retries."""
+    if isinstance(exc, openai.APITimeoutError):
+        return "timeout"
+    if isinstance(exc, openai.APIStatusError):
+        return f"http_{exc.status_code}"
+    if isinstance(exc, openai.APIConnectionError):
+        return "connection_error"
+    return type(exc).__name__
+
+
+class ChatClient:
+    def __init__(self, endpoint: EndpointConfig, cache: ResponseCache | None = None):
+        key = os.environ.get(endpoint.api_key_env) if endpoint.api_key_env else "none"
+        if key is None:
+            raise UserError(f"endpoint {endpoint.base_url}: environment variable {endpoint.api_key_env} is not set")
+        self.endpoint, self.cache, self.stats = endpoint, cache, CallStats()
+        self._client = openai.AsyncOpenAI(base_url=endpoint.base_url, api_key=key, timeout=endpoint.timeout_s,
+                                          max_retries=endpoint.max_retries)
+        self._slots = asyncio.Semaphore(endpoint.max_concurrency)
+
+    async def chat(self, messages: list[dict], *, attempt: int = 0, **sampling) -> Reply:
+        """`sampling`: temperature, top_p, max_tokens, n, seed. `attempt` makes a deliberate re-ask a new request."""
+        request = {"model": self.endpoint.model, "messages": messages, **sampling}
+        key = {**request, "attempt": attempt}
+        if self.cache is not None and (hit := self.cache.get(key)) is not None:
+            self.stats.cached += 1
+            return Reply(texts=hit["texts"], cached=True)
+        async with self._slots:
+            self.stats.calls += 1
+            try:
+                response = await self._client.chat.completions.create(**request)
+            except openai.OpenAIError as exc:
+                reason = failure_reason(exc)
+                self.stats.errors[reason] += 1
+                return Reply(error=reason)
+        texts = [choice.message.content or "" for choice in response.choices]
+        if response.usage is not None:
+            self.stats.prompt_tokens += response.usage.prompt_tokens
+            self.stats.completion_tokens += response.usage.completion_tokens
+        if self.cache is not None:
+            self.cache.put(key, {"texts": texts})
+        return Reply(texts=texts)
+
+    async def ask(self, messages: list[dict], parse: Callable[[str], T], retries: int, **sampling) -> tuple[T | None, str | None]:
+        """`parse(answer)`, asking again (a new, separately cached request) up to `retries` times while it raises
+        Unparseable; returns (value, None) or (None, reason) with reason `unparseable_*` or `judge_<failure>`."""
+        reason = None
+        for attempt in range(retries + 1):
+            self.stats.reasks += attempt > 0
+            reply = await self.chat(messages, attempt=attempt, **sampling)
+            if reply.error is not None:
+                return None, f"judge_{reply.error}"
+            try:
+                return parse(reply.texts[0]), None
+            except Unparseable as exc:
+                reason = f"unparseable_{exc.reason}"
+        return None, reason
+
+    async def close(self) -> None:
+        await self._client.close()

@@ -1,0 +1,78 @@
+"""Rating every completion: an LLM teacher through `ChatClient`, or a Python callable for checkable tasks.
+
+An answer that cannot be parsed is asked again (`parse_retries` times, each a new cached request, see
+`ChatClient.ask`) and then counted by reason; a call that fails after the client's retries is counted by its failure. A completion
+without a rating is never given a score.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+from collections import Counter
+from collections.abc import Callable
+
+from tqdm.auto import tqdm
+
+from ray_zephyr.aif.cache import ResponseCache
+from ray_zephyr.aif.client import CallStats, ChatClient, Unparseable
+from ray_zephyr.aif.config import JudgeConfig
+from ray_zephyr.aif.ratings import Rating, judge_messages, parse_rating, programmatic_rating
+from ray_zephyr.errors import UserError
+
+Judged = tuple[Rating | None, str | None]  # a rating, or why there is none
+
+
+def load_function(spec: str) -> Callable:
+    module_name, _, name = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError) as exc:
+        raise UserError(f"judge function {spec!r} cannot be loaded: {exc}") from None
+
+
+class Judge:
+    def __init__(self, config: JudgeConfig, cache: ResponseCache | None = None):
+        self.config = config
+        self.unrated: Counter = Counter()
+        self._client = ChatClient(config.endpoint, cache) if config.kind == "llm" else None
+        self._function = load_function(config.function) if config.kind == "programmatic" else None
+
+    @property
+    def stats(self) -> CallStats:
+        return self._client.stats if self._client else CallStats()
+
+    def rate_all(self, items: list[tuple[list[dict], str]]) -> list[Judged]:
+        """Ratings of (prompt messages, completion) pairs, in order, with a progress bar."""
+        if self._function is not None:
+            return [self._count(self._rate_with_function(prompt, answer)) for prompt, answer in tqdm(items, desc="judge")]
+        return asyncio.run(self._rate_with_llm(items))
+
+    def _count(self, judged: Judged) -> Judged:
+        if judged[0] is None:
+            self.unrated[judged[1]] += 1
+        return judged
+
+    def _rate_with_function(self, prompt: list[dict], answer: str) -> Judged:
+        try:
+            return programmatic_rating(self._function(prompt, answer)), None
+        except Unparseable as exc:
+            return None, exc.reason
+
+    async def _rate_with_llm(self, items: list[tuple[list[dict], str]]) -> list[Judged]:
+        bar = tqdm(total=len(items), desc="judge")
+
+        async def one(prompt: list[dict], answer: str) -> Judged:
+            judged = await self._rate_one(prompt, answer)
+            bar.update()
+            return self._count(judged)
+
+        try:
+            return await asyncio.gather(*(one(p, a) for p, a in items))
+        finally:
+            bar.close()
+            await self._client.close()
+
+    async def _rate_one(self, prompt: list[dict], answer: str) -> Judged:
+        return await self._client.ask(judge_messages(prompt, answer), parse_rating, self.config.parse_retries,
+                                      temperature=self.config.temperature, max_tokens=self.config.max_tokens)

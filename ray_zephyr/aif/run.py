@@ -1,0 +1,130 @@
+"""The AIF job: prompts -> completions from every generator -> teacher ratings -> binarized pairs (parquet).
+
+`python jobs/aif.py --config tiny-aif [key=value ...]` writes `<output_dir>/pairs.parquet` in the
+HuggingFaceH4/ultrafeedback_binarized schema (`prompt`, `prompt_id`, `chosen`, `rejected`, `messages`,
+`score_chosen`, `score_rejected`) plus `completions` (every completion with its ratings), and
+`summary.json` (counts, tokens, drops by reason). Judge answers are cached in `<output_dir>/judge_cache.sqlite`:
+a rerun after a crash pays only for the calls that never finished.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ray_zephyr.aif.binarize import Pair, binarize, prompt_rng
+from ray_zephyr.aif.cache import ResponseCache
+from ray_zephyr.aif.config import AIFRecipe, parse_job_config
+from ray_zephyr.aif.generate import generate
+from ray_zephyr.aif.judge import Judge
+from ray_zephyr.aif.prompts import read_prompts
+from ray_zephyr.aif.ratings import Rating
+from ray_zephyr.errors import UserError
+
+
+@dataclass
+class AIFSummary:
+    prompts: int = 0
+    completions: dict[str, int] = field(default_factory=dict)  # per generator
+    generated_tokens: int = 0
+    judge_calls: int = 0  # requests sent to the teacher (each with the client's own retries)
+    judge_cached: int = 0  # answers taken from the cache instead
+    judge_parse_retries: int = 0
+    judge_prompt_tokens: int = 0
+    judge_completion_tokens: int = 0
+    rated: int = 0
+    unrated: dict[str, int] = field(default_factory=dict)  # by reason
+    pairs: int = 0
+    dropped_prompts: dict[str, int] = field(default_factory=dict)  # by reason
+
+    def lines(self) -> list[str]:
+        return [
+            f"prompts {self.prompts}, completions {sum(self.completions.values())} "
+            f"({', '.join(f'{k} {v}' for k, v in self.completions.items())}), {self.generated_tokens} tokens generated",
+            f"judge: {self.judge_calls} calls, {self.judge_cached} cached, {self.judge_parse_retries} re-asked after "
+            f"unparseable answers, {self.judge_prompt_tokens} + {self.judge_completion_tokens} tokens",
+            f"rated {self.rated}, unrated {sum(self.unrated.values())} {self.unrated or ''}".rstrip(),
+            f"pairs {self.pairs}, prompts dropped {sum(self.dropped_prompts.values())} {self.dropped_prompts or ''}".rstrip(),
+        ]
+
+
+def _conversation(prompt: list[dict], text: str) -> list[dict]:
+    return [*prompt, {"role": "assistant", "content": text}]
+
+
+def _pair_row(prompt: dict, completions: list[dict], pair: Pair) -> dict:
+    chosen = _conversation(prompt["messages"], completions[pair.chosen]["text"])
+    return {
+        "prompt": prompt["messages"][-1]["content"],
+        "prompt_id": prompt["id"],
+        "chosen": chosen,
+        "rejected": _conversation(prompt["messages"], completions[pair.rejected]["text"]),
+        "messages": chosen,
+        "score_chosen": pair.score_chosen,
+        "score_rejected": pair.score_rejected,
+        "completions": completions,
+    }
+
+
+def run_aif(recipe: AIFRecipe) -> AIFSummary:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    summary = AIFSummary()
+    prompts = read_prompts(recipe.prompts, recipe.seed)
+    summary.prompts = len(prompts)
+    completions: dict[str, list[dict]] = {p["id"]: [] for p in prompts}
+    for spec in recipe.generators:
+        for prompt_id, outs in generate(prompts, spec, recipe.seed).items():
+            completions[prompt_id] += outs
+        summary.completions[spec.name] = sum(1 for outs in completions.values() for c in outs if c["generator"] == spec.name)
+
+    unrated: Counter = Counter(c["error"] for outs in completions.values() for c in outs if c.get("text") is None)
+    summary.generated_tokens = sum(c.get("tokens", 0) for outs in completions.values() for c in outs)
+    items = [(p, c) for p in prompts for c in completions[p["id"]] if c.get("text") is not None]
+    out_dir = Path(recipe.output_dir)
+    cache = ResponseCache(out_dir / "judge_cache.sqlite")
+    try:
+        judge = Judge(recipe.judge, cache)
+        judged = judge.rate_all([(p["messages"], c["text"]) for p, c in items])
+    finally:
+        cache.close()
+    for (_, completion), (rating, reason) in zip(items, judged):
+        completion.update(overall=rating.overall if rating else None, aspects=rating.aspects if rating else None,
+                          unrated_reason=reason)
+    unrated += judge.unrated
+    stats = judge.stats
+    summary.judge_calls, summary.judge_cached = stats.calls, stats.cached
+    summary.judge_prompt_tokens, summary.judge_completion_tokens = stats.prompt_tokens, stats.completion_tokens
+    summary.judge_parse_retries = stats.reasks
+    summary.rated, summary.unrated = len(items) - sum(judge.unrated.values()), dict(unrated)
+
+    rows, dropped = [], Counter()
+    for prompt in prompts:
+        outs = completions[prompt["id"]]
+        ratings = [Rating(c["aspects"], c["overall"]) if c.get("overall") is not None else None for c in outs]
+        pair = binarize(ratings, recipe.binarize, prompt_rng(recipe.seed, prompt["id"]))
+        if isinstance(pair, str):
+            dropped[pair] += 1
+        else:
+            rows.append(_pair_row(prompt, outs, pair))
+    summary.pairs, summary.dropped_prompts = len(rows), dict(dropped)
+    (out_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2))
+    if not rows:
+        raise UserError(f"no preference pairs: {'; '.join(summary.lines())} (see {out_dir / 'summary.json'})")
+    pq.write_table(pa.Table.from_pylist(rows), out_dir / "pairs.parquet")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> AIFSummary:
+    from ray_zephyr.runtime import init_ray
+
+    recipe = parse_job_config("AI feedback: generate, judge and binarize preference pairs", "aif", AIFRecipe, argv)
+    init_ray()
+    summary = run_aif(recipe)
+    for line in summary.lines():
+        print(line, flush=True)
+    print(f"wrote {Path(recipe.output_dir) / 'pairs.parquet'}", flush=True)
+    return summary

@@ -1,0 +1,78 @@
+"""The judged evaluation job: `python jobs/evaluate.py --config <eval recipe> [key=value ...]`.
+
+Writes `<output_dir>/results.json` (MT-Bench scores per turn, category and overall; AlpacaEval raw and
+length-controlled win rates), the per-turn and per-pair judgments as jsonl, and `mt_bench.png`.
+Judge answers are cached in `<output_dir>/judge_cache.sqlite`, so a rerun pays only for new calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+from ray_zephyr.aif.cache import ResponseCache
+from ray_zephyr.aif.client import ChatClient
+from ray_zephyr.aif.config import parse_job_config
+from ray_zephyr.evaluation import alpaca_eval, mt_bench
+from ray_zephyr.evaluation.config import EvalRecipe
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def run_evaluation(recipe: EvalRecipe) -> dict:
+    out = Path(recipe.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict = {}
+    if recipe.mt_bench is not None:
+        questions = mt_bench.load_questions(recipe.mt_bench.questions)
+        answers = mt_bench.answer_questions(questions, recipe)
+    if recipe.alpaca_eval is not None:
+        baseline = alpaca_eval.load_baseline(recipe.alpaca_eval.baseline, recipe.alpaca_eval.limit)
+        outputs = alpaca_eval.answer_instructions(baseline, recipe)
+
+    async def judge() -> tuple[list | None, list | None]:
+        client = ChatClient(recipe.judge, cache)
+        try:
+            return (await mt_bench.grade(questions, answers, recipe, client) if recipe.mt_bench else None,
+                    await alpaca_eval.judge_pairs(baseline, outputs, recipe, client) if recipe.alpaca_eval else None)
+        finally:
+            await client.close()
+            results["judge"] = {"calls": client.stats.calls, "cached": client.stats.cached,
+                                "reasks": client.stats.reasks, "prompt_tokens": client.stats.prompt_tokens,
+                                "completion_tokens": client.stats.completion_tokens}
+
+    cache = ResponseCache(out / "judge_cache.sqlite")
+    try:
+        graded, pairs = asyncio.run(judge())
+    finally:
+        cache.close()
+    if graded is not None:
+        _write_jsonl(out / "mt_bench_judgments.jsonl", graded)
+        results["mt_bench"] = mt_bench.scores(graded)
+        mt_bench.plot(results["mt_bench"], out / "mt_bench.png")
+    if pairs is not None:
+        _write_jsonl(out / "alpaca_eval_judgments.jsonl", pairs)
+        results["alpaca_eval"] = alpaca_eval.win_rates(pairs, baseline)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from ray_zephyr.runtime import init_ray
+
+    recipe = parse_job_config("Judged evaluation: MT-Bench and AlpacaEval style", "eval", EvalRecipe, argv)
+    init_ray()
+    results = run_evaluation(recipe)
+    if "mt_bench" in results:
+        m = results["mt_bench"]
+        print(f"MT-Bench: overall {m['overall']:.2f} (turn 1 {m['turn_1']}, turn 2 {m['turn_2']}), "
+              f"graded {m['graded']}, ungraded {m['ungraded']}", flush=True)
+    if "alpaca_eval" in results:
+        a = results["alpaca_eval"]
+        print(f"AlpacaEval: win rate {a['win_rate']:.3f}, length-controlled {a['length_controlled_win_rate']:.3f} "
+              f"over {a['pairs']} pairs, unjudged {a['unjudged']}", flush=True)
+    print(f"wrote {Path(recipe.output_dir) / 'results.json'}", flush=True)
+    return results

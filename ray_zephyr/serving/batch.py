@@ -1,0 +1,120 @@
+"""The running batch of the transformers engine: one row per unfinished choice, one KV cache for all.
+
+Rows have different lengths, so the cache is left-padded to the longest row and an attention mask
+hides the padding; each row carries its own position ids, as `model.generate` does for a left-padded
+batch. A new request is prefilled alone (one row, repeated `n` times), then its cache is padded and
+stacked onto the batch's; finished rows are dropped, and padding columns no row needs any more are
+cut off, so the cache stays as long as the longest live row.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from ray_zephyr.serving.engine import Piece
+    from ray_zephyr.serving.transformers_engine import Choice, Request
+
+
+def _each_layer(cache, change) -> None:
+    """Apply `change` to every layer's keys and values ([rows, heads, length, head_dim])."""
+    for layer in cache.layers:
+        layer.keys, layer.values = change(layer.keys), change(layer.values)
+
+
+def _pad_left(cache, mask: torch.Tensor, length: int) -> torch.Tensor:
+    """Left-pad `cache` and its [rows, columns] `mask` to `length` columns; the new mask."""
+    pad = length - mask.shape[1]
+    if pad:
+        _each_layer(cache, lambda t: F.pad(t, (0, 0, pad, 0)))
+    return F.pad(mask, (pad, 0))
+
+
+class DecodeBatch:
+    """Rows (request, choice), their KV cache, attention mask, next input token and next position."""
+
+    def __init__(self, model):
+        self.model = model
+        self.clear()
+
+    def clear(self) -> None:
+        self.rows: list[tuple[Request, Choice]] = []
+        self.cache = None
+        self.mask = torch.zeros(0, 0, dtype=torch.long)
+        self.next_ids = torch.zeros(0, dtype=torch.long)
+        self.positions = torch.zeros(0, dtype=torch.long)
+
+    def step(self, admitted: list[Request]) -> list[tuple[Request, list[Piece]]]:
+        """Drop cancelled rows, prefill the admitted requests, then decode one token for every row."""
+        self._keep([i for i, (request, _) in enumerate(self.rows) if not request.cancelled])
+        pieces: dict[int, tuple[Request, list[Piece]]] = {}
+        for request in admitted:
+            pieces[id(request)] = (request, self._prefill(request))
+        if self.rows:
+            with torch.inference_mode():
+                mask = F.pad(self.mask, (0, 1), value=1)
+                out = self.model(input_ids=self.next_ids[:, None], attention_mask=mask,
+                                 position_ids=self.positions[:, None], past_key_values=self.cache, use_cache=True)
+            self.cache, self.mask, self.positions = out.past_key_values, mask, self.positions + 1
+            self.next_ids = self._sample(out.logits[:, -1], pieces)
+            self._keep([i for i, (_, choice) in enumerate(self.rows) if not choice.finish])
+        return list(pieces.values())
+
+    def _prefill(self, request: Request) -> list[Piece]:
+        """Run the prompt once, sample each choice's first token, and add the unfinished choices as rows."""
+        n, prompt = request.sampling.n, torch.tensor([request.prompt_ids])
+        with torch.inference_mode():
+            out = self.model(input_ids=prompt, use_cache=True)
+        pieces = request.sample(out.logits[:, -1].expand(n, -1), request.choices)
+        first = torch.tensor(request.last_tokens)
+        live = [i for i, c in enumerate(request.choices) if not c.finish]
+        if not live:
+            return pieces
+        cache = out.past_key_values
+        _each_layer(cache, lambda t: t.expand(len(live), -1, -1, -1).contiguous())
+        mask = torch.ones(len(live), prompt.shape[1], dtype=torch.long)
+        self._stack(cache, mask, first[live], [(request, request.choices[i]) for i in live], prompt.shape[1])
+        return pieces
+
+    def _stack(self, cache, mask: torch.Tensor, next_ids: torch.Tensor, rows: list, position: int) -> None:
+        if self.cache is None:
+            self.cache, self.mask = cache, mask
+        else:
+            length = max(self.mask.shape[1], mask.shape[1])
+            self.mask = torch.cat([_pad_left(self.cache, self.mask, length), _pad_left(cache, mask, length)])
+            for mine, theirs in zip(self.cache.layers, cache.layers):
+                mine.keys = torch.cat([mine.keys, theirs.keys])
+                mine.values = torch.cat([mine.values, theirs.values])
+        self.rows += rows
+        self.next_ids = torch.cat([self.next_ids, next_ids])
+        self.positions = torch.cat([self.positions, torch.full((len(rows),), position)])
+
+    def _sample(self, logits: torch.Tensor, pieces: dict[int, tuple[Request, list[Piece]]]) -> torch.Tensor:
+        """Each request samples its own rows with its own generator; the batch's next input ids."""
+        by_request: dict[int, list[int]] = {}
+        for i, (request, _) in enumerate(self.rows):
+            by_request.setdefault(id(request), []).append(i)
+        next_ids = torch.zeros(len(self.rows), dtype=torch.long)
+        for indices in by_request.values():
+            request = self.rows[indices[0]][0]
+            new = request.sample(logits[indices], [self.rows[i][1] for i in indices])
+            next_ids[indices] = torch.tensor(request.last_tokens)
+            pieces.setdefault(id(request), (request, []))[1].extend(new)
+        return next_ids
+
+    def _keep(self, indices: list[int]) -> None:
+        """Keep only these rows, and cut the padding columns no kept row needs."""
+        if len(indices) == len(self.rows):
+            return
+        if not indices:
+            self.clear()
+            return
+        index = torch.tensor(indices)
+        self.rows = [self.rows[i] for i in indices]
+        self.mask, self.next_ids, self.positions = self.mask[index], self.next_ids[index], self.positions[index]
+        start = int(self.mask.any(0).nonzero()[0])
+        self.mask = self.mask[:, start:]
+        _each_layer(self.cache, lambda t: t[index, :, start:])
