@@ -47,7 +47,7 @@ class Chunk:
 
     kind: str  # "jsonl" | "json" | "parquet" | "embedded"
     path: str  # file path / hf:// path / embedded split
-    label: str  # how the `source` column and errors name it: the file as given
+    label: str  # how the `source` column and errors name it: the file's absolute path or hf:// URL
     key: str  # where it sits inside its source ("<source index>:<path within the source>"): seeds selection, order
     format: str  # a name in ray_zephyr.data.formats.FORMATS[stage]
     columns: tuple[tuple[str, str], ...] = ()
@@ -91,7 +91,7 @@ def resolve_source(source: SourceConfig, stage: str, seed: int, position: int = 
         check_format(source.format, stage, f"data source {source.path!r}")
     if source.path == "embedded":
         return _embedded(source, stage, seed, position)
-    local = Path(source.path).expanduser()
+    local = Path(source.path).expanduser().absolute()  # Ray workers do not share the driver's working directory
     if local.exists():
         if source.revision is not None:
             raise UserError(f"data source {source.path!r}: revision is only for hub datasets, this is a local path")
