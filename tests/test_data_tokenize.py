@@ -119,7 +119,8 @@ def test_dpo_token_ids_and_masks_match_trl(request, shared_data, tmp_path, token
     kept = [r for r in ours if not isinstance(r, Invalid)]
     dropped = [r for r in ours if isinstance(r, Invalid)]
     assert all(d.reason == "prompt_too_long" for d in dropped)
-    prepared, collator = trl_preference_batches(tokenizer, rows, max_length, tmp_path)
+    pairs = [{"chosen": r["chosen"], "rejected": r["rejected"]} for r in rows]  # TRL: implicit prompt
+    prepared, collator = trl_preference_batches(tokenizer, pairs, max_length, tmp_path)
     assert len(kept) == len(prepared)
     if sample == "train_prefs_1000.jsonl":
         assert dropped, "max_length should drop some long prompts, to test dropping like TRL"

@@ -201,7 +201,8 @@ def detect_format(row: Any, stage: str, columns: dict[str, str], where: str) -> 
         if all(f in names for f in fmt.fields):
             return name
     accepted = "; ".join(f"{name}: {fmt.shape}" for name, fmt in FORMATS[stage].items())
-    what = f"fields {', '.join(found)}" if found else f"a {type(row).__name__}, not an object"
+    what = (f"fields {', '.join(found)}" if found else "no JSON object in its first rows" if row is None or
+            isinstance(row, Invalid) else f"a {type(row).__name__}, not an object")
     raise UserError(f"{where}: unrecognized {stage} data format (found {what}); accepted formats: {accepted}")
 
 

@@ -181,8 +181,8 @@ def _file_chunks(path: str, key: str, source: SourceConfig, stage: str) -> tuple
     columns = dict(source.columns)
     fmt = source.format
     if fmt == "auto":
-        fmt = detect_format(next((r for r in first if isinstance(r, dict)), first[0] if first else None), stage, columns,
-                            f"data file {path}")
+        row = next((r for r in first if isinstance(r, dict)), first[0] if first else None)
+        fmt = detect_format(row, stage, columns, f"data file {path}")
     return [Chunk(kind, path, path, key, fmt, tuple(columns.items()), start, stop, offset, stage)
             for start, stop, offset in spans], rows
 
