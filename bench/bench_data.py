@@ -3,7 +3,10 @@
 Same 50k UltraChat-schema rows (the real ../shared/data sample rows, cycled), same tokenizer and chat
 template, same SFT tokenization (assistant-only labels, max_length); both read the jsonl file and
 produce every tokenized row. Ray's start-up is excluded (a cluster is already up when jobs run);
-our side also validates every row and counts drops. Prints rows/s for both and the ratio.
+our side also validates every row and counts drops. Prints rows/s for both, the ratio, and each side's peak
+memory: the proportional set size (PSS, so shared pages count once) of this process and all its descendants,
+sampled every 0.25 s. The peer runs first, before Ray starts; ours includes the whole local Ray runtime
+(GCS, raylet, idle workers, the object store's mapped pages).
 
     python bench/bench_data.py [--rows 50000] [--tokenizer smollm2|embedded]
 """
@@ -16,7 +19,9 @@ import os
 import platform
 import sys
 import tempfile
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 from ray_zephyr.config import load_recipe  # noqa: E402
 from ray_zephyr.data.chat import set_chat_template  # noqa: E402
 from ray_zephyr.data.tokenize import tokenize_sft  # noqa: E402
-from ray_zephyr.data.validate import sft_example  # noqa: E402
+from ray_zephyr.data.validate import Invalid, sft_example  # noqa: E402
 from ray_zephyr.embedded import chat_row, save_embedded_model  # noqa: E402
 
 MAX_LENGTH = 2048
@@ -53,11 +58,43 @@ def load_tokenizer(name: str, workdir: Path):
     return set_chat_template(tokenizer, "zephyr")
 
 
+@contextmanager
+def peak_memory():
+    """Yields a dict whose "mib" is, on exit, the peak PSS of this process tree while the block ran."""
+    import psutil
+
+    out, done = {"mib": 0.0}, threading.Event()
+
+    def tree_pss() -> float:
+        me = psutil.Process()
+        total = 0
+        for proc in [me, *me.children(recursive=True)]:
+            try:
+                total += proc.memory_full_info().pss
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        return total / 2**20
+
+    def sample() -> None:
+        while not done.is_set():
+            out["mib"] = max(out["mib"], tree_pss())
+            done.wait(0.25)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield out
+    finally:
+        done.set()
+        thread.join()
+
+
 def peer(path: Path, tokenizer) -> tuple[float, int]:
     from datasets import load_dataset
 
     def tokenize(batch):
         out = tokenize_sft(tokenizer, [sft_example({"messages": m}) for m in batch["messages"]], MAX_LENGTH, "keep_start", False)
+        out = [r for r in out if not isinstance(r, Invalid)]  # dropped, as ours drops them
         return {"input_ids": [r["input_ids"] for r in out], "labels": [r["labels"] for r in out]}
 
     start = time.perf_counter()
@@ -94,20 +131,26 @@ def main() -> None:
         write_rows(path, args.rows)
         tokenizer = load_tokenizer(args.tokenizer, work)
         tokenizer.save_pretrained(work / "tok")
+        with peak_memory() as peer_memory:
+            t_peer, n_peer = peer(path, tokenizer)
         import ray
 
         from ray_zephyr.runtime import init_ray
 
         init_ray(join_existing=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
-        t_peer, n_peer = peer(path, tokenizer)
-        t_ours, n_ours = ours(path, work / "tok", shuffle=False)
-        t_shuf, n_shuf = ours(path, work / "tok", shuffle=True)
+        with peak_memory() as our_memory:
+            t_ours, n_ours = ours(path, work / "tok", shuffle=False)
+        with peak_memory() as shuffle_memory:
+            t_shuf, n_shuf = ours(path, work / "tok", shuffle=True)
     assert n_peer == n_ours == n_shuf, (n_peer, n_ours, n_shuf)
-    print(f"machine: {platform.machine()} {os.cpu_count()} cores; tokenizer: {args.tokenizer}; rows: {args.rows}")
-    print(f"datasets.map(num_proc=2):      {n_peer / t_peer:9.0f} rows/s  ({t_peer:.1f} s)")
-    print(f"ray-zephyr (Ray Data):         {n_ours / t_ours:9.0f} rows/s  ({t_ours:.1f} s)  ratio {t_peer / t_ours:.2f}")
-    print(f"ray-zephyr + seeded shuffle:   {n_shuf / t_shuf:9.0f} rows/s  ({t_shuf:.1f} s)  ratio {t_peer / t_shuf:.2f}")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"machine: {platform.machine()} {os.cpu_count()} cores; load average {load}; tokenizer: {args.tokenizer}; rows: {args.rows}")
+    print(f"datasets.map(num_proc=2):      {n_peer / t_peer:9.0f} rows/s  ({t_peer:.1f} s)  peak {peer_memory['mib']:.0f} MiB")
+    print(f"ray-zephyr (Ray Data):         {n_ours / t_ours:9.0f} rows/s  ({t_ours:.1f} s)  ratio {t_peer / t_ours:.2f}"
+          f"  peak {our_memory['mib']:.0f} MiB")
+    print(f"ray-zephyr + seeded shuffle:   {n_shuf / t_shuf:9.0f} rows/s  ({t_shuf:.1f} s)  ratio {t_peer / t_shuf:.2f}"
+          f"  peak {shuffle_memory['mib']:.0f} MiB")
 
 
 if __name__ == "__main__":

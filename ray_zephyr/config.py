@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ray_zephyr.errors import UserError
 
@@ -29,8 +29,11 @@ class SourceConfig(_Section):
 
     path: str  # hub dataset id, local file or folder (jsonl/json/parquet), or "embedded"
     split: str = "train"  # hub split; for local folders a file-name prefix; for embedded: train or test
-    weight: float = 1.0  # fraction of the source's rows used, as in the handbook's dataset mixer
+    weight: float = 1.0  # exactly round(weight x rows) of the source's rows are used, as in the handbook's mixer
     rows: int | None = None  # embedded only: how many rows to generate
+    revision: str | None = None  # hub only: a commit, tag or branch to pin the dataset to (as model.revision)
+    format: Literal["auto", "messages", "text", "prompt_completion", "preference", "sharegpt", "alpaca"] = "auto"
+    columns: dict[str, str] = {}  # the format's field name -> the field's name in these files, e.g. {prompt: question}
 
     @model_validator(mode="after")
     def _check(self) -> SourceConfig:
@@ -46,9 +49,13 @@ class DataConfig(_Section):
     eval: list[SourceConfig] = []
     eval_fraction: float = 0.0  # rows of the train sources held out for eval (deterministic by seed)
     chat_template: str = "auto"  # auto (the tokenizer's own, Zephyr's if none), zephyr, or a Jinja template
+    # true: every sequence starts with the tokenizer's BOS, as the original zephyr-7b-beta runs tokenized them;
+    # false: never; auto: as TRL 1.16 does (whatever the template or tokenizer gives)
+    add_bos: Literal["auto", "true", "false"] = "auto"
     add_empty_system: bool = False  # insert an empty system turn when a conversation has none
     max_length: int = 1024  # tokens per sequence (SFT: whole conversation; DPO: prompt + completion)
     truncation_mode: Literal["keep_start", "keep_end"] = "keep_start"
+    max_prompt_length: int | None = None  # DPO: prompts cut to their last N tokens (the paper's 512); None: as TRL
     on_bad_row: Literal["fail", "skip"] = "fail"
     shuffle: bool = True
     stall_timeout_s: float = Field(600.0, gt=0)  # no batch for this long: fail with a message instead of hanging
@@ -61,7 +68,15 @@ class DataConfig(_Section):
             raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.max_length < 2:
             raise ValueError(f"max_length must be at least 2, got {self.max_length}")
+        if self.max_prompt_length is not None and not 0 < self.max_prompt_length < self.max_length:
+            raise ValueError(f"max_prompt_length must be in [1, max_length), got {self.max_prompt_length}")
         return self
+
+    @field_validator("add_bos", mode="before")
+    @classmethod
+    def _bool_as_text(cls, value: Any) -> Any:
+        """YAML reads `add_bos: true` as a boolean."""
+        return str(value).lower() if isinstance(value, bool) else value
 
 
 class ModelConfig(_Section):

@@ -78,7 +78,7 @@ def test_mixture_weights_and_per_source_split_selection(ray_session, shared_data
     got = keys(rows_of(data.train))
     embedded = [k for k in got if k[0] == "embedded:train"]
     parquet = sorted(k for k in got if k[0] != "embedded:train")
-    assert 150 <= len(embedded) <= 250, "weight 0.5 keeps about half of the source"
+    assert len(embedded) == 200, "weight 0.5 keeps exactly round(0.5 x 400) rows of the source"
     assert parquet == [(str(folder / "train_sft-00000-of-00001.parquet"), i) for i in range(10)]
     again = keys(rows_of(build_datasets(r, load_tokenizer(r)).train))
     assert again == got, "mixture selection is deterministic"
@@ -169,7 +169,7 @@ def test_fail_mode_from_the_command_line_is_one_line(tmp_path):
 def test_file_level_problems_are_clear_errors_before_any_work(tmp_path, shared_data):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    sharegpt = write_jsonl(tmp_path / "sharegpt.jsonl", [{"conversations": [{"from": "human", "value": "hi"}]}])
+    unknown = write_jsonl(tmp_path / "qa.jsonl", [{"question": "hi", "answer": "hello"}])
     corrupt = tmp_path / "corrupt.parquet"
     corrupt.write_bytes(b"this is not parquet")
     folder = tmp_path / "folder"
@@ -177,8 +177,10 @@ def test_file_level_problems_are_clear_errors_before_any_work(tmp_path, shared_d
     write_jsonl(folder / "train_sft.jsonl", [chat_row(0, "train", 0)])
     cases = [
         (empty, "sft", f"data file {empty} is empty"),
-        (sharegpt, "sft", f"data file {sharegpt}: wrong schema (this looks like ShareGPT: conversations with from/value)"),
-        (shared_data / "ultrachat_200k/sample_16.jsonl", "dpo", "wrong schema; rows need chosen, rejected for the UltraFeedback"),
+        (unknown, "sft", f"data file {unknown}: unrecognized sft data format (found fields answer, question); "
+                         "accepted formats: messages: messages=[{role, content}]"),
+        (shared_data / "ultrachat_200k/sample_16.jsonl", "dpo",
+         "unrecognized dpo data format (found fields messages, prompt, prompt_id); accepted formats: sharegpt: "),
         (corrupt, "sft", f"data file {corrupt} cannot be read: "),
         (tmp_path / "missing.jsonl", "sft", "no such file or folder"),
     ]

@@ -17,6 +17,7 @@ from transformers import AutoTokenizer
 from ray_zephyr.data.chat import set_chat_template
 from ray_zephyr.data.collate import collate_preference
 from ray_zephyr.data.tokenize import tokenize_preference, tokenize_sft
+from ray_zephyr.data.formats import to_example
 from ray_zephyr.data.validate import Invalid, preference_example, sft_example
 from ray_zephyr.embedded import build_model
 
@@ -64,15 +65,14 @@ def test_sft_truncation_and_empty_system_turn(shared_data, zephyr_tokenizer):
 
 
 def trl_sft_rows(tokenizer, rows, max_length, tmp_path):
+    """TRL 1.16's SFTTrainer preparation of rows in any of its formats (assistant-only loss on conversations)."""
     from trl import SFTConfig, SFTTrainer
 
-    model = build_model(tokenizer) if len(tokenizer) < 1000 else None
-    if model is None:
-        pytest.skip("TRL SFT parity runs on the tiny model's tokenizer")
-    args = SFTConfig(output_dir=str(tmp_path), max_length=max_length, assistant_only_loss=True, report_to=[], use_cpu=True, bf16=False,
-                     dataset_num_proc=None)
-    dataset = Dataset.from_list([{"messages": r["messages"]} for r in rows])
-    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    conversational = not isinstance(rows[0].get("messages", rows[0].get("prompt", rows[0].get("text"))), str)
+    args = SFTConfig(output_dir=str(tmp_path), max_length=max_length, assistant_only_loss=conversational, report_to=[],
+                     use_cpu=True, bf16=False, dataset_num_proc=None)
+    trainer = SFTTrainer(model=build_model(tokenizer), args=args, train_dataset=Dataset.from_list(rows),
+                         processing_class=tokenizer)
     return list(trainer.train_dataset)
 
 
@@ -81,7 +81,7 @@ def test_sft_matches_trl_sfttrainer_assistant_only_loss(shared_data, zephyr_toke
     max_length = 512
     ours = [r for r in tokenize_sft(zephyr_tokenizer, [sft_example(r) for r in rows], max_length, "keep_start", False)
             if not isinstance(r, Invalid)]
-    theirs = trl_sft_rows(zephyr_tokenizer, rows, max_length, tmp_path)
+    theirs = trl_sft_rows(zephyr_tokenizer, [{"messages": r["messages"]} for r in rows], max_length, tmp_path)
     assert len(ours) == len(theirs) < 16  # max_length drops rows left with no assistant token, in both
     for a, b in zip(ours, theirs, strict=True):
         assert a["input_ids"] == b["input_ids"]
@@ -89,13 +89,13 @@ def test_sft_matches_trl_sfttrainer_assistant_only_loss(shared_data, zephyr_toke
 
 
 def trl_preference_batches(tokenizer, rows, max_length, tmp_path):
-    """TRL 1.16's DPOTrainer preparation + collator on rows given as chosen/rejected conversations."""
+    """TRL 1.16's DPOTrainer preparation + collator on rows in any of its preference formats."""
     from trl import DPOConfig, DPOTrainer
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
     model = build_model(tokenizer)
     args = DPOConfig(output_dir=str(tmp_path), max_length=max_length, report_to=[], use_cpu=True, bf16=False)
-    dataset = Dataset.from_list([{"chosen": r["chosen"], "rejected": r["rejected"]} for r in rows])
+    dataset = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected") if k in r} for r in rows])
     trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=dataset,
                          processing_class=tokenizer)
     prepared = list(trainer.train_dataset)
@@ -119,7 +119,8 @@ def test_dpo_token_ids_and_masks_match_trl(request, shared_data, tmp_path, token
     kept = [r for r in ours if not isinstance(r, Invalid)]
     dropped = [r for r in ours if isinstance(r, Invalid)]
     assert all(d.reason == "prompt_too_long" for d in dropped)
-    prepared, collator = trl_preference_batches(tokenizer, rows, max_length, tmp_path)
+    pairs = [{"chosen": r["chosen"], "rejected": r["rejected"]} for r in rows]  # TRL: implicit prompt
+    prepared, collator = trl_preference_batches(tokenizer, pairs, max_length, tmp_path)
     assert len(kept) == len(prepared)
     if sample == "train_prefs_1000.jsonl":
         assert dropped, "max_length should drop some long prompts, to test dropping like TRL"
@@ -131,3 +132,62 @@ def test_dpo_token_ids_and_masks_match_trl(request, shared_data, tmp_path, token
             assert torch.equal(batch_ours[key], batch_trl[key]), key
     truncated = sum(len(r["prompt_ids"]) + len(r["chosen_ids"]) > max_length for r in kept)
     assert truncated > 0 or sample == "sample_16.jsonl"
+
+
+def sft_rows_in(fmt: str, rows: list[dict]) -> list[dict]:
+    """UltraChat conversations rewritten into one of TRL's other SFT formats."""
+    out = []
+    for r in rows:
+        first_user, first_answer = r["messages"][0]["content"], r["messages"][1]["content"]
+        out.append({
+            "text": {"text": "\n".join(m["content"] for m in r["messages"])},
+            "prompt_completion_standard": {"prompt": first_user + "\n", "completion": first_answer},
+            "prompt_completion_conversational": {"prompt": r["messages"][:1], "completion": r["messages"][1:4]},
+        }[fmt])
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["text", "prompt_completion_standard", "prompt_completion_conversational"])
+def test_every_trl_sft_format_matches_trl(shared_data, zephyr_tokenizer, tmp_path, fmt):
+    rows = sft_rows_in(fmt, read_jsonl(shared_data / "ultrachat_200k" / "sample_16.jsonl"))
+    name = "text" if fmt == "text" else "prompt_completion"
+    examples = [to_example(r, "sft", name, {}) for r in rows]
+    max_length = 384
+    ours = [r for r in tokenize_sft(zephyr_tokenizer, examples, max_length, "keep_start", False) if not isinstance(r, Invalid)]
+    theirs = trl_sft_rows(zephyr_tokenizer, rows, max_length, tmp_path)
+    assert len(ours) == len(theirs) > 0
+    for a, b in zip(ours, theirs, strict=True):
+        assert a["input_ids"] == b["input_ids"]
+        assert a["labels"] == b["labels"]
+    assert any(label == -100 for r in ours for label in r["labels"]) == (fmt != "text")
+
+
+def preference_rows_in(fmt: str, rows: list[dict]) -> list[dict]:
+    """UltraFeedback pairs rewritten into one of TRL's other preference formats."""
+    out = []
+    for r in rows:
+        try:
+            pair = preference_example(r)
+        except Invalid:
+            continue
+        question, good, bad = pair["prompt"][-1]["content"], pair["chosen"][0]["content"], pair["rejected"][0]["content"]
+        out.append({
+            "conversational_explicit": pair,
+            "standard_explicit": {"prompt": question, "chosen": " " + good, "rejected": " " + bad},
+            "standard_implicit": {"chosen": question + " " + good, "rejected": question + " " + bad},
+        }[fmt])
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["conversational_explicit", "standard_explicit", "standard_implicit"])
+def test_every_trl_preference_format_matches_trl(shared_data, zephyr_tokenizer, tmp_path, fmt):
+    rows = preference_rows_in(fmt, read_jsonl(shared_data / "ultrafeedback_binarized" / "sample_16.jsonl"))
+    examples = [to_example(r, "dpo", "preference", {}) for r in rows]
+    max_length = 256
+    ours = [r for r in tokenize_preference(zephyr_tokenizer, examples, max_length, "keep_start", False)
+            if not isinstance(r, Invalid)]
+    prepared, _ = trl_preference_batches(zephyr_tokenizer, rows, max_length, tmp_path)
+    assert len(ours) == len(prepared) > 0
+    for a, b in zip(ours, prepared, strict=True):
+        assert {k: a[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} == \
+            {k: b[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}

@@ -1,31 +1,44 @@
 """Where rows come from: hub datasets, local jsonl/json/parquet files or folders, and the embedded default.
 
-Every source becomes a list of read chunks (a file, a few parquet row groups, or a range of embedded rows);
-Ray Data reads the chunks in parallel tasks, each streaming its rows as `{source, row, raw}` where `row` is the
-row's index within its file and `raw` its JSON text. Keeping the raw text lets validation name the exact row
-and survive rows of any shape; nothing loads a whole dataset into one process.
-Files are opened and their first row checked before any Ray work, so an empty, unreadable or wrong-schema
-file is a one-line error up front.
+Every source becomes a list of read chunks (a byte range of a jsonl file, a few parquet row groups, a json file,
+or a range of embedded rows). Resolving a source is its one counting pass: parquet row counts come from the
+metadata; a jsonl file is scanned once for its line offsets, which also cut it into chunks so that one large file
+is read and tokenized in parallel. Each chunk's rows reach validation as the Python values the reader produced,
+with their provenance: the source label (the file as given) and the row's index in its file.
+
+Why not `ray.data.read_parquet` / `read_json`: they give no row index within a file (needed to name a bad row,
+and for a seeded selection and order that do not depend on how blocks were read), `read_json` fails a whole file
+on one malformed line instead of counting it, and Arrow's schema inference rejects rows whose fields change type
+(a content that is a string in one row and a list of text parts in the next). The hub is read through
+`HfFileSystem` (fsspec), pinned to the source's `revision`.
+Files are opened and their format detected before any Ray work, so an empty, unreadable or unrecognized file
+is a one-line error up front.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 
 from ray_zephyr.config import SourceConfig
+from ray_zephyr.data.formats import check_format, detect_format
+from ray_zephyr.data.validate import Invalid
 from ray_zephyr.errors import DataError, UserError
 
 EXTENSIONS = (".jsonl", ".json", ".parquet")
-ROWS_PER_BATCH = 512
+ROWS_PER_BATCH = 256
+LINES_PER_CHUNK = 2000
 ROW_GROUPS_PER_CHUNK = 4
 EMBEDDED_ROWS_PER_CHUNK = 500
 EMBEDDED_DEFAULT_ROWS = {"train": 2000, "test": 200}
+DETECT_ROWS = 10  # rows looked at to detect a file's format (a bad first line is a row-level problem)
 
 
 @dataclass(frozen=True)
@@ -34,12 +47,27 @@ class Chunk:
 
     kind: str  # "jsonl" | "json" | "parquet" | "embedded"
     path: str  # file path / hf:// path / embedded split
-    label: str  # how errors name the source
-    start: int = 0  # parquet: first row group; embedded: first row
-    stop: int = 0  # parquet: row group after the last; embedded: row after the last
-    row_offset: int = 0  # parquet: index of the chunk's first row in its file
-    stage: str = ""  # embedded: "sft" or "dpo"
+    label: str  # how the `source` column and errors name it: the file's absolute path or hf:// URL
+    key: str  # where it sits inside its source ("<source index>:<path within the source>"): seeds selection, order
+    format: str  # a name in ray_zephyr.data.formats.FORMATS[stage]
+    columns: tuple[tuple[str, str], ...] = ()
+    start: int = 0  # jsonl: first byte; parquet: first row group; embedded: first row
+    stop: int = 0  # jsonl: byte after the last; parquet: row group after the last; embedded: row after the last
+    row_offset: int = 0  # jsonl, parquet: index of the chunk's first row in its file
+    stage: str = ""
     seed: int = 0  # embedded
+
+
+@dataclass
+class ResolvedSource:
+    """A source's chunks, and the index of every row of each file (keyed by Chunk.key) for the exact mixture."""
+
+    chunks: list[Chunk]
+    rows: dict[str, np.ndarray]
+
+    @property
+    def count(self) -> int:
+        return sum(len(r) for r in self.rows.values())
 
 
 def _hub_fs():
@@ -53,32 +81,44 @@ def _open(path: str):
 
 
 def source_chunks(source: SourceConfig, stage: str, seed: int) -> list[Chunk]:
-    """Resolve a recipe source into read chunks, checking each file's readability and schema first."""
+    """Resolve a recipe source into read chunks (see `resolve_source`)."""
+    return resolve_source(source, stage, seed).chunks
+
+
+def resolve_source(source: SourceConfig, stage: str, seed: int, position: int = 0) -> ResolvedSource:
+    """Resolve a recipe source (the `position`-th of its list): files, formats, row counts and chunks."""
+    if source.format != "auto":
+        check_format(source.format, stage, f"data source {source.path!r}")
     if source.path == "embedded":
-        return _embedded_chunks(source, stage, seed)
-    local = Path(source.path).expanduser()
+        return _embedded(source, stage, seed, position)
+    local = Path(source.path).expanduser().absolute()  # Ray workers do not share the driver's working directory
     if local.exists():
-        files = _local_files(local, source)
+        if source.revision is not None:
+            raise UserError(f"data source {source.path!r}: revision is only for hub datasets, this is a local path")
+        root = local if local.is_dir() else local.parent
+        files = [(f, Path(f).relative_to(root).as_posix()) for f in _local_files(local, source)]
     elif "/" in source.path and not source.path.startswith((".", "/", "~")):
-        files = _hub_files(source.path, source.split)
+        files = _hub_files(source.path, source.split, source.revision)
     else:
         raise UserError(f"data source {source.path!r}: no such file or folder (and not a hub dataset id 'owner/name')")
-    chunks: list[Chunk] = []
-    for path in files:
-        check_file(path, stage)
-        chunks += _file_chunks(path)
-    return chunks
+    resolved = ResolvedSource([], {})
+    for path, inner in files:
+        key = f"{position}:{inner}"
+        chunks, rows = _file_chunks(path, key, source, stage)
+        resolved.chunks += chunks
+        resolved.rows[key] = rows
+    return resolved
 
 
-def _embedded_chunks(source: SourceConfig, stage: str, seed: int) -> list[Chunk]:
+def _embedded(source: SourceConfig, stage: str, seed: int, position: int) -> ResolvedSource:
     if source.split not in EMBEDDED_DEFAULT_ROWS:
         raise UserError(f"embedded data has splits train and test, not {source.split!r}")
     rows = source.rows if source.rows is not None else EMBEDDED_DEFAULT_ROWS[source.split]
-    return [
-        Chunk("embedded", source.split, f"embedded:{source.split}", start, min(start + EMBEDDED_ROWS_PER_CHUNK, rows),
-              stage=stage, seed=seed)
-        for start in range(0, rows, EMBEDDED_ROWS_PER_CHUNK)
-    ]
+    key, fmt = f"{position}:embedded:{source.split}", "messages" if stage == "sft" else "preference"
+    chunks = [Chunk("embedded", source.split, f"embedded:{source.split}", key, fmt, (), start,
+                    min(start + EMBEDDED_ROWS_PER_CHUNK, rows), stage=stage, seed=seed)
+              for start in range(0, rows, EMBEDDED_ROWS_PER_CHUNK)]
+    return ResolvedSource(chunks, {key: np.arange(rows)})
 
 
 def _local_files(path: Path, source: SourceConfig) -> list[str]:
@@ -98,121 +138,174 @@ def _local_files(path: Path, source: SourceConfig) -> list[str]:
     return files
 
 
-def _hub_files(name: str, split: str) -> list[str]:
-    """The split's parquet files on the hub (the layout `datasets` writes: data/<split>-*.parquet)."""
+def hub_root(name: str, revision: str | None) -> str:
+    """The dataset's root in HfFileSystem, at `revision` if given (a branch name may hold slashes)."""
+    return f"datasets/{name}" + (f"@{quote(revision, safe='')}" if revision else "")
+
+
+def _hub_files(name: str, split: str, revision: str | None) -> list[tuple[str, str]]:
+    """(hf:// path, path within the dataset) of the split's parquet files (the layout `datasets` writes)."""
+    root = hub_root(name, revision)
+    at = f" at revision {revision!r}" if revision else ""
     try:
         fs = _hub_fs()
-        files = sorted(fs.glob(f"datasets/{name}/**/{split}-*.parquet"))
-        if not files:
-            files = sorted(fs.glob(f"datasets/{name}@refs%2Fconvert%2Fparquet/*/{split}/*.parquet"))
+        files = sorted(fs.glob(f"{root}/**/{split}-*.parquet"))
+        if not files and not revision:
+            root = f"datasets/{name}@refs%2Fconvert%2Fparquet"
+            files = sorted(fs.glob(f"{root}/*/{split}/*.parquet"))
     except Exception as exc:  # noqa: BLE001 - offline, auth, not found: all one readable line
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"hub dataset {name!r}: cannot list its files ({first})") from None
+        raise UserError(f"hub dataset {name!r}{at}: cannot list its files ({first})") from None
     if not files:
-        raise UserError(f"hub dataset {name!r}: no parquet files for split {split!r}")
-    return [f"hf://{f}" for f in files]
+        raise UserError(f"hub dataset {name!r}{at}: no parquet files for split {split!r}")
+    return [(f"hf://{f}", f.removeprefix(root + "/")) for f in files]
 
 
 def _file_kind(path: str) -> str:
     return "jsonl" if path.endswith(".jsonl") else "json" if path.endswith(".json") else "parquet"
 
 
-def _file_chunks(path: str) -> list[Chunk]:
+def _file_chunks(path: str, key: str, source: SourceConfig, stage: str) -> tuple[list[Chunk], np.ndarray]:
+    """The counting pass over one file: its chunks, the index of each of its rows, its format."""
     kind = _file_kind(path)
-    if kind != "parquet":
-        return [Chunk(kind, path, path)]
-    import pyarrow.parquet as pq
-
-    with _open(path) as f:
-        meta = pq.ParquetFile(f).metadata
-    chunks, offset = [], 0
-    for start in range(0, meta.num_row_groups, ROW_GROUPS_PER_CHUNK):
-        stop = min(start + ROW_GROUPS_PER_CHUNK, meta.num_row_groups)
-        chunks.append(Chunk(kind, path, path, start, stop, row_offset=offset))
-        offset += sum(meta.row_group(i).num_rows for i in range(start, stop))
-    return chunks
-
-
-REQUIRED_FIELDS = {"sft": ("messages",), "dpo": ("chosen", "rejected")}
-SCHEMA_NAMES = {"sft": "UltraChat (messages=[{role, content}, ...])", "dpo": "UltraFeedback (chosen/rejected=[{role, content}, ...])"}
-
-
-def check_file(path: str, stage: str) -> None:
-    """Fail early on an empty, unreadable or wrong-schema file (judged by its first row)."""
     try:
         if not path.startswith("hf://") and os.path.getsize(path) == 0:
             raise UserError(f"data file {path} is empty")
-        first = next(_iter_file_rows(Chunk(_file_kind(path), path, path, 0, 1)), None)
+        spans, rows, first = {"jsonl": _jsonl_spans, "json": _json_spans, "parquet": _parquet_spans}[kind](path)
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001 - permissions, corrupt parquet, bad encoding
         raise UserError(f"data file {path} cannot be read: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-    if first is None:
+    if not len(rows):
         raise UserError(f"data file {path} has no rows")
+    columns = dict(source.columns)
+    fmt = source.format
+    if fmt == "auto":
+        row = next((r for r in first if isinstance(r, dict)), first[0] if first else None)
+        fmt = detect_format(row, stage, columns, f"data file {path}")
+    return [Chunk(kind, path, path, key, fmt, tuple(columns.items()), start, stop, offset, stage)
+            for start, stop, offset in spans], rows
+
+
+def _jsonl_spans(path: str) -> tuple[list[tuple[int, int, int]], np.ndarray, list]:
+    """Byte ranges of LINES_PER_CHUNK non-empty lines each, the line index of every non-empty line, first rows."""
+    spans, rows, first = [], [], []
+    start = position = 0
+    chunk_first_line = 0
+    with _open(path) as f:
+        for i, line in enumerate(f):
+            if line.strip():
+                if len(first) < DETECT_ROWS:
+                    first.append(_parse_line(line))
+                if len(rows) % LINES_PER_CHUNK == 0 and rows:
+                    spans.append((start, position, chunk_first_line))
+                    start, chunk_first_line = position, i
+                rows.append(i)
+            position += len(line)
+    if rows:
+        spans.append((start, position, chunk_first_line))
+    return spans, np.asarray(rows, dtype=np.int64), first
+
+
+def _parse_line(line: bytes) -> Any:
     try:
-        row = json.loads(first[1])
-    except json.JSONDecodeError:
-        return  # a bad first line is a row-level problem, reported by validation
-    if not isinstance(row, dict):
-        return
-    missing = [f for f in REQUIRED_FIELDS[stage] if f not in row]
-    if missing:
-        hint = " (this looks like ShareGPT: conversations with from/value)" if "conversations" in row else ""
-        raise UserError(
-            f"data file {path}: wrong schema{hint}; rows need {', '.join(missing)} for the {SCHEMA_NAMES[stage]} "
-            f"schema, found fields {', '.join(sorted(row)) or 'none'}"
-        )
+        return json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return Invalid("invalid_json", f"not valid JSON ({getattr(exc, 'msg', exc)})")
 
 
-def _iter_file_rows(chunk: Chunk) -> Iterator[tuple[int, str]]:
-    """(row index in file, raw JSON text) for each row of a chunk."""
+def _load_json(path: str) -> list:
+    with _open(path) as f:
+        try:
+            rows = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"data file {path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(rows, list):
+        raise DataError(f"data file {path}: expected a JSON array of rows, got {type(rows).__name__}")
+    return rows
+
+
+def _json_spans(path: str) -> tuple[list[tuple[int, int, int]], np.ndarray, list]:
+    rows = _load_json(path)
+    return [(0, 0, 0)], np.arange(len(rows)), rows[:DETECT_ROWS]
+
+
+def _parquet_spans(path: str) -> tuple[list[tuple[int, int, int]], np.ndarray, list]:
+    """Row counts from the metadata: no pass over the data."""
+    import pyarrow.parquet as pq
+
+    with _open(path) as f:
+        parquet = pq.ParquetFile(f)
+        meta = parquet.metadata
+        first = next(parquet.iter_batches(batch_size=DETECT_ROWS), None)
+        first = first.to_pylist() if first is not None else []
+    spans, offset = [], 0
+    for start in range(0, meta.num_row_groups, ROW_GROUPS_PER_CHUNK):
+        stop = min(start + ROW_GROUPS_PER_CHUNK, meta.num_row_groups)
+        spans.append((start, stop, offset))
+        offset += sum(meta.row_group(i).num_rows for i in range(start, stop))
+    return spans, np.arange(meta.num_rows), first
+
+
+Select = Callable[[np.ndarray], np.ndarray]
+
+
+def read_chunk(chunk: Chunk, select: Select) -> Iterator[tuple[np.ndarray, list]]:
+    """(row indices, row values) of the chunk's rows that `select(indices)` keeps, ROWS_PER_BATCH at a time.
+
+    Rows left out by the selection are never parsed (jsonl) or converted to Python (parquet).
+    A jsonl line that is not JSON comes back as an `Invalid` value, to be counted like any bad row.
+    """
     if chunk.kind == "jsonl":
-        with _open(chunk.path) as f:
-            for i, line in enumerate(f):
-                text = line.decode("utf-8", errors="replace").strip()
-                if text:
-                    yield i, text
-    elif chunk.kind == "json":
-        with _open(chunk.path) as f:
-            try:
-                rows = json.load(f)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"data file {chunk.path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
-        if not isinstance(rows, list):
-            raise DataError(f"data file {chunk.path}: expected a JSON array of rows, got {type(rows).__name__}")
-        for i, row in enumerate(rows):
-            yield i, json.dumps(row)
+        yield from _read_jsonl(chunk, select)
     elif chunk.kind == "parquet":
         import pyarrow.parquet as pq
 
         with _open(chunk.path) as f:
             index = chunk.row_offset
-            for batch in pq.ParquetFile(f).iter_batches(row_groups=range(chunk.start, chunk.stop)):
-                for row in batch.to_pylist():
-                    yield index, json.dumps(row, default=str)
-                    index += 1
+            batches = pq.ParquetFile(f).iter_batches(batch_size=ROWS_PER_BATCH, row_groups=range(chunk.start, chunk.stop))
+            for batch in batches:
+                ids = np.arange(index, index + batch.num_rows)
+                index += batch.num_rows
+                keep = select(ids)
+                yield ids[keep], batch.filter(keep).to_pylist()
+    elif chunk.kind == "json":
+        rows = _load_json(chunk.path)
+        for start in range(0, len(rows), ROWS_PER_BATCH):
+            ids = np.arange(start, min(start + ROWS_PER_BATCH, len(rows)))
+            ids = ids[select(ids)]
+            yield ids, [rows[i] for i in ids]
     else:
         from ray_zephyr.embedded import chat_row, preference_row
 
         make = chat_row if chunk.stage == "sft" else preference_row
-        for i in range(chunk.start, chunk.stop):
-            yield i, json.dumps(make(chunk.seed, chunk.path, i))
+        for start in range(chunk.start, chunk.stop, ROWS_PER_BATCH):
+            ids = np.arange(start, min(start + ROWS_PER_BATCH, chunk.stop))
+            ids = ids[select(ids)]
+            yield ids, [make(chunk.seed, chunk.path, int(i)) for i in ids]
 
 
-def read_chunk(batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
-    """Ray Data UDF: each input row holds one Chunk's fields; yields batches of `{source, row, raw}`."""
-    for values in zip(*(batch[name] for name in Chunk.__dataclass_fields__)):
-        chunk = Chunk(*(v.item() if hasattr(v, "item") else v for v in values))
-        rows, texts = [], []
-        for index, text in _iter_file_rows(chunk):
-            rows.append(index)
-            texts.append(text)
-            if len(rows) == ROWS_PER_BATCH:
-                yield _raw_batch(chunk.label, rows, texts)
-                rows, texts = [], []
-        if rows:
-            yield _raw_batch(chunk.label, rows, texts)
+def _read_jsonl(chunk: Chunk, select: Select) -> Iterator[tuple[np.ndarray, list]]:
+    def flush(ids: list[int], lines: list[bytes]):
+        ids = np.asarray(ids, dtype=np.int64)
+        keep = select(ids)
+        return ids[keep], [_parse_line(line) for line, k in zip(lines, keep) if k]
 
-
-def _raw_batch(label: str, rows: list[int], texts: list[str]) -> dict[str, np.ndarray]:
-    return {"source": np.array([label] * len(rows)), "row": np.array(rows, dtype=np.int64), "raw": np.array(texts, dtype=object)}
+    ids, lines = [], []
+    with _open(chunk.path) as f:
+        f.seek(chunk.start)
+        position, index = chunk.start, chunk.row_offset
+        while position < chunk.stop:
+            line = f.readline()
+            if not line:
+                break
+            position += len(line)
+            if line.strip():
+                ids.append(index)
+                lines.append(line)
+                if len(ids) == ROWS_PER_BATCH:
+                    yield flush(ids, lines)
+                    ids, lines = [], []
+            index += 1
+    if ids:
+        yield flush(ids, lines)
