@@ -26,7 +26,8 @@ def test_precomputed_and_resident_reference_give_the_same_loss(embedded_model_di
     """(b) reference log-probs from the Ray Data scorer == (a) a resident frozen ZeRO-3 engine, step for step."""
     init_single_process()
     overrides = ["train.num_workers=1", "train.global_batch_size=8", "train.per_device_batch_size=4",
-                 f"model.name_or_path={embedded_model_dir}", "dpo.beta=0.5", "train.warmup_ratio=0"]
+                 f"model.name_or_path={embedded_model_dir}", "dpo.beta=0.5", "train.warmup_ratio=0",
+                 "dpo.rpo_alpha=0"]  # plain DPO: its loss is log 2 while the policy is the reference
     recipe = load_recipe("tiny-dpo", overrides)
     tokenizer = load_tokenizer(recipe)
     rows = _rows(recipe, tokenizer, 16)
