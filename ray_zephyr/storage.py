@@ -97,18 +97,14 @@ def listing(path: str) -> dict[str, tuple[int, float]]:
             for info in files if info.type == pafs.FileType.File}
 
 
-def download(path: str, local_dir: str | Path, keep=lambda relative: True) -> list[str]:
-    """Copy the files under `path` that `keep(relative path)` accepts into `local_dir`; returns what it copied."""
+def download(path: str, local_dir: str | Path) -> None:
+    """Copy every file under `path` into `local_dir`."""
     fs, where = filesystem(path)
-    copied = []
     for relative in sorted(listing(path)):
-        if keep(relative):
-            target = Path(local_dir) / relative
-            target.parent.mkdir(parents=True, exist_ok=True)
-            pafs.copy_files(f"{where}/{relative}", str(target), source_filesystem=fs,
-                            destination_filesystem=pafs.LocalFileSystem())
-            copied.append(relative)
-    return copied
+        target = Path(local_dir) / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        pafs.copy_files(f"{where}/{relative}", str(target), source_filesystem=fs,
+                        destination_filesystem=pafs.LocalFileSystem())
 
 
 def publish_dir(local_dir: str | Path, dest: str, before_last_file=None) -> None:

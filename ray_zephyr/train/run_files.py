@@ -17,7 +17,11 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import time
 from pathlib import Path
+
+import ray
 
 from ray_zephyr import storage
 
@@ -66,8 +70,6 @@ class RunFiles:
             fs.delete_file(path)
 
     def log(self, split: str, step: int, epoch: int, metrics: dict) -> None:
-        import time
-
         if self.metrics is not None:
             self.metrics.append({"split": split, "step": step, "epoch": epoch, **metrics, "time": time.time()})
 
@@ -85,10 +87,6 @@ class RunFiles:
 
     def describe_worker(self, engine, **facts) -> None:
         """Write workers/rank<r>.json: node, device, and the parameters this rank holds (ZeRO-3 partitions them)."""
-        import socket
-
-        import ray
-
         params = list(engine.module.parameters())
         total = sum(getattr(p, "ds_numel", p.numel()) for p in params)
         held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
