@@ -49,7 +49,8 @@ def old_design(ds: ray.data.Dataset, layout: Layout, epoch: int, rank: int) -> i
 
 
 def new_design(rows: RowFile, layout: Layout, epoch: int, rank: int) -> int:
-    return sum(len(b["sample_id"]) for b in rows.micro_batches(layout.rank_sample_ids(epoch, rank), layout.micro_batch))
+    steps = layout.rank_micro_batches(epoch, rank, 0, rows.lengths, group_by_length=False)
+    return sum(len(b["sample_id"]) for b in rows.micro_batches(ids for step in steps for ids in step))
 
 
 def measure(n: int, workers: int) -> dict:
