@@ -146,7 +146,8 @@ def train_step(engine, objective, micro_batches: list[dict], token_stats: bool =
         # workers, so scale by the world size and skip its own division by the accumulation steps.
         engine.backward(loss * world_size, scale_wrt_gas=False)
         engine.step()
-    return _finish(objective, metrics, batches, start) | {"lr": lr, "grad_norm": float(engine.get_global_grad_norm())}
+    return _finish(objective, metrics, batches, start) | {"lr": lr, "grad_norm": float(engine.get_global_grad_norm()),
+                                                          "micro_batches": len(batches)}
 
 
 @torch.no_grad()
