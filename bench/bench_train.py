@@ -144,7 +144,7 @@ def run_ours(stage: str, path: str, steps: int, device: str, resident: bool = Fa
         start = time.perf_counter()
         tokens.append(train_step(engine, objective, [b], token_stats=False)["step_tokens"])
         times.append(time.perf_counter() - start)  # the step reads its metrics back: it has synchronised
-    return {"tokens/s": sum(tokens) / sum(times), "first_loss": first, "parameters": engine.module.lm.num_parameters()}
+    return {"tokens/s": sum(tokens) / sum(times), "first_loss": first, "parameters": sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())}  # ZeRO-3: not the shard
 
 
 def attention(device: str) -> str:
