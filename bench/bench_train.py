@@ -52,6 +52,22 @@ def rows(stage: str, n: int) -> list[dict]:
     return [base[i % len(base)] for i in range(n)]
 
 
+def kept_rows(stage: str, path: str, n: int) -> list[dict]:
+    """`n` rows that our tokenization keeps (it drops, counted, a chat cut off before its first assistant token and a
+    prompt too long), so both sides train on exactly the same rows in the same order."""
+    from transformers import AutoTokenizer
+
+    from ray_zephyr.data.tokenize import tokenize_preference, tokenize_sft
+    from ray_zephyr.data.validate import Invalid
+
+    tokenize = tokenize_sft if stage == "sft" else tokenize_preference
+    candidates = rows(stage, 2 * n)
+    tokenized = tokenize(AutoTokenizer.from_pretrained(path), candidates, MAX_LENGTH, "keep_start", False)
+    kept = [row for row, t in zip(candidates, tokenized, strict=True) if not isinstance(t, Invalid)]
+    assert len(kept) >= n, f"only {len(kept)} of {len(candidates)} rows fit max_length={MAX_LENGTH}"
+    return kept[:n]
+
+
 def model_dir(hidden: int, layers: int, vocab: str) -> str:
     from ray_zephyr.embedded import build_model, save_embedded_model
 
@@ -95,7 +111,6 @@ def run_ours(stage: str, path: str, steps: int, device: str, resident: bool = Fa
 
     from ray_zephyr.config import load_recipe
     from ray_zephyr.data.tokenize import load_tokenizer, tokenize_preference, tokenize_sft
-    from ray_zephyr.data.validate import Invalid
     from ray_zephyr.train.engine import build_engine, build_reference, init_single_process
     from ray_zephyr.train.reference import ReferenceScorer
     from ray_zephyr.train.step import make_objective, train_step
@@ -103,15 +118,14 @@ def run_ours(stage: str, path: str, steps: int, device: str, resident: bool = Fa
     init_single_process()
     recipe = load_recipe(f"tiny-{stage}", [f"model.name_or_path={path}", "train.num_workers=1",
                                             f"train.global_batch_size={BATCH}", f"train.per_device_batch_size={BATCH}",
-                                            f"data.max_length={MAX_LENGTH}", "train.lr=1.0e-4",
+                                            f"data.max_length={MAX_LENGTH}", "train.lr=1.0e-4", "dpo.rpo_alpha=0",
                                             f"train.zero_stage={os.environ.get('BENCH_ZERO_STAGE', '3')}",
                                             f"train.packing={packing}", f"train.use_gpu={device == 'cuda'}",
                                             f"model.gradient_checkpointing={os.environ.get('BENCH_CHECKPOINTING', 'false')}",
                                             f"model.attn_implementation={attention(device)}"])
     tokenizer = load_tokenizer(recipe)
     tokenize = tokenize_sft if stage == "sft" else tokenize_preference
-    tokenized = [t for t in tokenize(tokenizer, rows(stage, BATCH * (steps + 2)), MAX_LENGTH, "keep_start", False)
-                 if not isinstance(t, Invalid)]  # the rows TRL drops too (no assistant token / prompt too long)
+    tokenized = tokenize(tokenizer, kept_rows(stage, path, BATCH * (steps + 2)), MAX_LENGTH, "keep_start", False)
     batches = [{k: np.array([np.array(t[k]) for t in tokenized[i:i + BATCH]], dtype=object) for k in tokenized[0]}
                for i in range(0, len(tokenized), BATCH)]
     reference = None
@@ -130,7 +144,7 @@ def run_ours(stage: str, path: str, steps: int, device: str, resident: bool = Fa
         start = time.perf_counter()
         tokens.append(train_step(engine, objective, [b], token_stats=False)["step_tokens"])
         times.append(time.perf_counter() - start)  # the step reads its metrics back: it has synchronised
-    return {"tokens/s": sum(tokens) / sum(times), "first_loss": first, "parameters": engine.module.lm.num_parameters()}
+    return {"tokens/s": sum(tokens) / sum(times), "first_loss": first, "parameters": sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())}  # ZeRO-3: not the shard
 
 
 def attention(device: str) -> str:
@@ -149,12 +163,13 @@ def run_trl(stage: str, path: str, steps: int, device: str, packing: bool = Fals
     common = dict(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=BATCH, max_length=MAX_LENGTH, report_to=[],
                   use_cpu=not gpu, bf16=gpu, learning_rate=1e-4, max_steps=steps + 2, dataloader_drop_last=True,
                   gradient_checkpointing=os.environ.get("BENCH_CHECKPOINTING", "false") == "true",
-                  logging_steps=10**6, save_strategy="no")
-    data = Dataset.from_list(rows(stage, BATCH * (steps + 2)))
+                  logging_steps=10**6, save_strategy="no", train_sampling_strategy="sequential")
+    data = Dataset.from_list(kept_rows(stage, path, BATCH * (steps + 2)))
     model = AutoModelForCausalLM.from_pretrained(path, dtype="bfloat16" if gpu else "float32",
                                                  attn_implementation=attention(device)).to(device)
     if stage == "sft":
-        trainer = trl.SFTTrainer(model=model, args=trl.SFTConfig(assistant_only_loss=True, padding_free=packing, **common),
+        # packing: TRL's padding-free SFT (best-fit-decreasing packing into max_length sequences, position_ids)
+        trainer = trl.SFTTrainer(model=model, args=trl.SFTConfig(assistant_only_loss=True, packing=packing, **common),
                                  train_dataset=data, processing_class=tokenizer)
     else:  # TRL's fastest setup: reference log-probs precomputed before training, as ours
         trainer = trl.DPOTrainer(model=model, args=trl.DPOConfig(precompute_ref_log_probs=True, **common),
@@ -230,7 +245,7 @@ def main() -> None:
                 continue
             results[side] = json.loads(proc.stdout.split("RESULT ")[-1])
         report["stages"][stage] = results
-        trl = results.get("trl-packed", results.get("trl")) if stage == "sft" else results.get("trl")
+        trl = max((r for side, r in results.items() if side.startswith("trl")), key=lambda r: r["tokens/s"], default=None)
         for side, r in results.items():
             line = f"{stage} {side:14s} {r['tokens/s']:9.0f} tokens/s  peak {r.get('peak_gpu_mib', r['peak_rss_mib']):7.0f} MiB" \
                    f"  first loss {r['first_loss']:.4f}"

@@ -102,6 +102,9 @@ class TrainConfig(_Section):
     max_steps: int = -1
     global_batch_size: int = Field(8, ge=1)
     per_device_batch_size: int = Field(8, ge=1)
+    # a token budget per micro-batch: each worker's per_device_batch_size x accumulation rows of a step are cut
+    # into micro-batches of at most this many tokens (train/rows.py) instead of per_device_batch_size rows each
+    micro_batch_tokens: int | None = Field(None, ge=1)
     lr: float = Field(2e-5, gt=0)
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_ratio: float = Field(0.1, ge=0, le=1)

@@ -141,3 +141,47 @@ def test_rpo_term_equals_trl_sigmoid_plus_weighted_sft_loss(embedded_model_dir, 
     loss = objective.loss(TokenScorer(trainer.model), ours, torch.tensor(1.0), metrics)
     assert loss.item() == pytest.approx(expected, abs=1e-5)
     assert metrics.means()["nll_loss"] > 0
+
+
+@pytest.mark.parametrize("softcap, bias", [(None, False), (30.0, True)])
+def test_chunked_logps_equal_full_cross_entropy_and_trl_kernel(monkeypatch, softcap, bias):
+    """The chunked head (several chunks here) gives the log-probs, token statistics and gradients (hidden states,
+    weight, bias) of full-vocabulary fp32 cross-entropy, and the log-probs of TRL's chunked kernel."""
+    import torch.nn.functional as F
+    from trl.kernels import ChunkedLogProbFunction
+
+    from ray_zephyr.train import losses
+
+    monkeypatch.setattr(losses, "SCORE_CHUNK", 7)
+    torch.manual_seed(0)
+    hidden = torch.randn(30, 16, dtype=torch.float64).float().requires_grad_()
+    weight = (torch.randn(300, 16) * 0.3).requires_grad_()
+    b = (torch.randn(300) * 0.1).requires_grad_() if bias else None
+    targets = torch.randint(0, 300, (30,))
+    upstream = torch.randn(30)  # an arbitrary downstream use of the per-token log-probs
+
+    def full():
+        logits = F.linear(hidden, weight, b).float()
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        return logits, -F.cross_entropy(logits, targets, reduction="none")
+
+    logits, expected = full()
+    (expected * upstream).sum().backward()
+    expected_grads = [t.grad.clone() for t in (hidden, weight, b) if t is not None]
+    for t in (hidden, weight, b):
+        if t is not None:
+            t.grad = None
+
+    logps, entropy, is_top1, mean_logits = losses.ChunkedLogps.apply(hidden, weight, b, targets, softcap, True)
+    (logps * upstream).sum().backward()
+    torch.testing.assert_close(logps, expected, atol=1e-5, rtol=1e-5)
+    for ours, theirs in zip([t.grad for t in (hidden, weight, b) if t is not None], expected_grads, strict=True):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    log_dist = logits.detach().log_softmax(-1)
+    torch.testing.assert_close(entropy, -(log_dist.exp() * log_dist).sum(-1), atol=1e-5, rtol=1e-5)
+    assert torch.equal(is_top1, logits.argmax(-1) == targets)
+    torch.testing.assert_close(mean_logits, logits.detach().mean(-1))
+
+    trl_logps = ChunkedLogProbFunction.apply(hidden, weight, b, targets, 1.0, 128, softcap, 1.0, ("log_probs",))[0]
+    torch.testing.assert_close(logps, trl_logps, atol=1e-5, rtol=1e-5)

@@ -111,3 +111,27 @@ def test_one_step_hands_two_collectives_tensors_on_the_engine_device(embedded_mo
     assert all(isinstance(d, torch.device) for d in handed)
     assert twin["step_tokens"] == 2 * alone["step_tokens"]
     assert twin["mean_token_accuracy"] >= 0 and twin["entropy"] > 0
+
+
+def test_a_step_over_any_number_of_micro_batches_takes_one_optimizer_step(embedded_model_dir):
+    """With a token budget (`train.micro_batch_tokens`) a step's rows come in however many micro-batches fit the
+    budget, not DeepSpeed's configured accumulation (2 here): cut into 3 or into 1, the same rows give the same
+    gradient, the same update and exactly one optimizer step per train_step."""
+    init_single_process()
+    recipe = load_recipe("tiny-dpo", ["train.num_workers=1", "train.global_batch_size=8", "train.per_device_batch_size=4",
+                                      f"model.name_or_path={embedded_model_dir}", "train.warmup_ratio=0"])
+    tokenizer = load_tokenizer(recipe)
+    rows = ReferenceScorer(recipe, str(embedded_model_dir), tokenizer.pad_token_id)(_rows(recipe, tokenizer, 16))
+    cuts = {"configured": [(0, 4), (4, 8), (8, 12), (12, 16)], "budgeted": [(0, 3), (3, 6), (6, 8), (8, 16)]}
+    steps = {"configured": [2, 2], "budgeted": [3, 1]}  # micro-batches per step
+    runs = {}
+    for name, cut in cuts.items():
+        engine = build_engine(recipe, str(embedded_model_dir), total_steps=4)
+        objective = make_objective(recipe, tokenizer.pad_token_id)
+        batches = [objective.collate({k: v[a:b] for k, v in rows.items()}) for a, b in cut]
+        first, second = steps[name][0], steps[name][0] + steps[name][1]
+        runs[name] = [train_step(engine, objective, batches[:first]), train_step(engine, objective, batches[first:second])]
+        assert engine.global_steps == 2
+    for step in range(2):
+        for metric in ("loss", "grad_norm", "rewards/margins", "lr"):
+            assert runs["budgeted"][step][metric] == pytest.approx(runs["configured"][step][metric], rel=1e-5), metric

@@ -160,7 +160,7 @@ def run_training(recipe: Recipe, on_start: Callable[[int], None] | None = None) 
     tokenizer = load_tokenizer(recipe)
     counts, data_report = prepare_rows(recipe, tokenizer, resolve_model_path(model_path))
     layout = Layout(counts["train"], train.per_device_batch_size, train.num_workers, grad_accumulation_steps(train),
-                    recipe.seed, recipe.data.shuffle)
+                    recipe.seed, recipe.data.shuffle, train.micro_batch_tokens)
     if layout.steps_per_epoch == 0:
         raise UserError(f"{counts['train']} training rows cannot fill one global batch of {layout.global_batch}")
     total_steps = layout.steps_per_epoch * train.epochs

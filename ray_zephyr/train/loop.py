@@ -47,16 +47,17 @@ def train_loop(config: dict) -> None:
     files = RunFiles(output_dir, rank, attempt, resumed=resumed is not None)
     files.describe_worker(engine, resumed_from_step=position.global_step if resumed else None, fetched=fetched)
 
-    def micro_batches(rows: RowFile, sample_ids, what: str):
-        """Collated micro-batches of `sample_ids`, prepared ahead in a background thread."""
-        batches = collated(objective, rows.micro_batches(sample_ids, layout.micro_batch), train.use_gpu)
+    def micro_batches(rows: RowFile, steps: list[list], what: str):
+        """Collated micro-batches of `steps` (each a list of arrays of sample ids), prepared ahead in a
+        background thread."""
+        batches = collated(objective, rows.micro_batches(ids for step in steps for ids in step), train.use_gpu)
         return iter_with_stall_timeout(batches, recipe.data.stall_timeout_s, what)
 
     def run_eval() -> dict:
         if eval_rows is None:
             return {}
         order = eval_layout(config["eval_size"], layout.micro_batch, world_size)
-        batches = micro_batches(eval_rows, order.rank_sample_ids(0, rank), "eval data")
+        batches = micro_batches(eval_rows, order.rank_micro_batches(0, rank, 0, eval_rows.lengths, False), "eval data")
         metrics = evaluate(engine, objective, (batch for _, batch in batches))
         files.log("eval", position.global_step, position.epoch, metrics)
         return metrics
@@ -66,11 +67,11 @@ def train_loop(config: dict) -> None:
     while position.global_step < total_steps:
         if position.step_in_epoch == layout.steps_per_epoch:
             position.epoch, position.step_in_epoch = position.epoch + 1, 0
-        lengths = train_rows.lengths if train.group_by_length else None
-        sample_ids = layout.rank_sample_ids(position.epoch, rank, position.step_in_epoch, lengths)
-        batches = micro_batches(train_rows, sample_ids, "train data")
-        while position.step_in_epoch < layout.steps_per_epoch and position.global_step < total_steps:
-            step_ids, step_batches = zip(*[next(batches) for _ in range(layout.accumulation)], strict=True)
+        steps = layout.rank_micro_batches(position.epoch, rank, position.step_in_epoch, train_rows.lengths,
+                                          train.group_by_length)
+        batches = micro_batches(train_rows, steps, "train data")
+        for step_micro_batches in steps[: total_steps - position.global_step]:
+            step_ids, step_batches = zip(*[next(batches) for _ in step_micro_batches], strict=True)
             step = position.global_step + 1
             logging = step % train.log_every_steps == 0 or step == total_steps
             metrics = train_step(engine, objective, list(step_batches), token_stats=logging)

@@ -2,13 +2,15 @@
 
 `TokenScorer` wraps a causal LM so that one forward returns statistics only at the scored positions
 (assistant tokens for SFT, completion tokens for DPO): the LM head runs on those hidden states alone, so
-no `(batch, seq, vocab)` logits are built and padding and prompt tokens cost nothing in the head. The
-whole computation happens inside the wrapper's forward, so DeepSpeed ZeRO-3's module hooks gather and
-release the LM head (tied to the embeddings or not) as they do for a plain HF forward. It takes padded
+no `(batch, seq, vocab)` logits are built and padding and prompt tokens cost nothing in the head; and it runs
+on them in chunks (`ChunkedLogps`), so not even the scored tokens' fp32 logits exist whole, forward or
+backward. The whole computation happens inside the wrapper's forward, so DeepSpeed ZeRO-3's module hooks
+gather the backbone as for a plain HF forward; the head's weight, read directly, is gathered explicitly
+(`_gathered`), in the forward and again in the backward. It takes padded
 batches (`attention_mask`) or padding-free ones (`train.packing`: every row in one sequence, `position_ids`
 restarting per row, `row_index` saying which row a token is in; see `packing.py`). The token statistics
 (entropy, top-1, mean logit: full-vocabulary work) are computed only when asked (logging steps, evaluation),
-in chunks, without gradients; the reference pass asks only for log-probs.
+from the same chunks, without gradients; the reference pass asks only for log-probs.
 
 Metric names follow TRL (`rewards/chosen`, `logps/chosen`, `mean_token_accuracy`, ...). Metrics are
 kept as sums plus counts (`MetricSums`) so they can be all-reduced across workers and accumulated
@@ -41,7 +43,7 @@ class TokenStats:
         return values.new_zeros(rows).index_add(0, self.row, values)
 
 
-STATS_CHUNK = 1024  # tokens per chunk of full-vocabulary statistics
+SCORE_CHUNK = 1024  # scored tokens whose fp32 logits ([chunk, vocab]) exist at once
 
 
 class TokenScorer(nn.Module):
@@ -60,23 +62,98 @@ class TokenScorer(nn.Module):
         mask = score_mask[:, 1:].bool()
         states = hidden.last_hidden_state[:, :-1][mask]
         targets = input_ids[:, 1:][mask]
-        logits = self.lm.get_output_embeddings()(states).float()
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        logps = -F.cross_entropy(logits, targets, reduction="none")
+        head = self.lm.get_output_embeddings()
+        logps, entropy, is_top1, mean_logits = ChunkedLogps.apply(states, head.weight, head.bias, targets,
+                                                                  self.softcap, token_stats)
         row = row_index[:, 1:][mask] if row_index is not None else mask.nonzero()[:, 0]
-        stats = TokenStats(row=row, logps=logps)
-        if token_stats:
-            with torch.no_grad():
-                parts = [_token_stats(logits[i : i + STATS_CHUNK], targets[i : i + STATS_CHUNK])
-                         for i in range(0, len(targets), STATS_CHUNK)] or [_token_stats(logits, targets)]
-                stats.entropy, stats.is_top1, stats.mean_logits = (torch.cat(p) for p in zip(*parts, strict=True))
-        return stats
+        return TokenStats(row=row, logps=logps, entropy=entropy, is_top1=is_top1, mean_logits=mean_logits)
 
 
-def _token_stats(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    log_dist = logits.log_softmax(-1)
-    return -(log_dist.exp() * log_dist).sum(-1), logits.argmax(-1) == targets, logits.mean(-1)
+def _gathered(*params: torch.Tensor | None):
+    """Under DeepSpeed ZeRO-3, gather the partitioned `params` for the duration of the block (a no-op otherwise,
+    or when they are already gathered, as a head tied to the embeddings can be). The scorer reads the LM head's
+    weight directly instead of calling the head module, so ZeRO-3's module hooks do not gather it."""
+    from contextlib import nullcontext
+
+    partitioned = {id(p): p for p in params if p is not None and hasattr(p, "ds_status")}
+    if not partitioned:
+        return nullcontext()
+    import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    partitioned = [p for p in partitioned.values() if p.ds_status != ZeroParamStatus.AVAILABLE]
+    return deepspeed.zero.GatheredParameters(partitioned) if partitioned else nullcontext()
+
+
+def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  softcap: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """fp32 logits of a chunk of hidden states, and tanh(raw / softcap) when the model soft-caps (for the backward)."""
+    logits = F.linear(hidden, weight, bias).float()
+    if not softcap:
+        return logits, None
+    capped = torch.tanh(logits / softcap)
+    return capped * softcap, capped
+
+
+class ChunkedLogps(torch.autograd.Function):
+    """log p(target) of each hidden state under the LM head, `SCORE_CHUNK` tokens at a time, so the fp32
+    `[tokens, vocab]` logits never exist whole: the forward keeps one log-sum-exp per token, the backward
+    recomputes each chunk's logits and turns them into the gradient (softmax - one-hot, times the incoming
+    gradient). The token statistics (entropy, top-1, mean logit; no gradient) come from the same chunks when
+    asked. The algorithm of TRL's `trl.kernels.ChunkedLogProbFunction`, written out here because TRL (with
+    `datasets` and `accelerate` behind it) is not a runtime dependency; tests check equality with that kernel
+    and with full-vocabulary cross-entropy, values and gradients."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, softcap, with_stats):
+        n = hidden.shape[0]
+        logps = hidden.new_empty(n, dtype=torch.float32)
+        lse = hidden.new_empty(n, dtype=torch.float32)
+        stats = [hidden.new_empty(n if with_stats else 0, dtype=dtype)
+                 for dtype in (torch.float32, torch.bool, torch.float32)]  # entropy, is_top1, mean_logits
+        with _gathered(weight, bias):
+            for i in range(0, n, SCORE_CHUNK):
+                logits, _ = _chunk_logits(hidden[i : i + SCORE_CHUNK], weight, bias, softcap)
+                target = targets[i : i + SCORE_CHUNK, None]
+                lse[i : i + SCORE_CHUNK] = logits.logsumexp(-1)
+                logps[i : i + SCORE_CHUNK] = logits.gather(1, target)[:, 0] - lse[i : i + SCORE_CHUNK]
+                if with_stats:
+                    log_dist = logits - lse[i : i + SCORE_CHUNK, None]
+                    stats[0][i : i + SCORE_CHUNK] = -(log_dist.exp() * log_dist).sum(-1)
+                    stats[1][i : i + SCORE_CHUNK] = logits.argmax(-1) == target[:, 0]
+                    stats[2][i : i + SCORE_CHUNK] = logits.mean(-1)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.softcap = softcap
+        if not with_stats:
+            return logps, None, None, None
+        ctx.mark_non_differentiable(*stats)
+        return logps, *stats
+
+    @staticmethod
+    def backward(ctx, grad_logps, *_):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.zeros_like(hidden) if needs_hidden else None
+        with _gathered(weight, bias):
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs_weight else None
+            grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if needs_bias else None
+            for i in range(0, hidden.shape[0], SCORE_CHUNK):
+                h = hidden[i : i + SCORE_CHUNK]
+                logits, capped = _chunk_logits(h, weight, bias, ctx.softcap)
+                grad = (logits - lse[i : i + SCORE_CHUNK, None]).exp_().neg_()  # d log p(target) / d logits ...
+                grad.scatter_add_(1, targets[i : i + SCORE_CHUNK, None], grad.new_ones(len(h), 1))  # ... + one-hot
+                grad.mul_(grad_logps[i : i + SCORE_CHUNK, None].float())
+                if capped is not None:
+                    grad.mul_(1 - capped * capped)
+                grad = grad.to(h.dtype)
+                if needs_hidden:
+                    grad_hidden[i : i + SCORE_CHUNK] = grad @ weight
+                if needs_weight:
+                    grad_weight += (grad.t() @ h).float()
+                if needs_bias:
+                    grad_bias += grad.float().sum(0)
+        return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
+                None if grad_bias is None else grad_bias.to(bias.dtype), None, None, None)
 
 
 class MetricSums:

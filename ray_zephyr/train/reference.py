@@ -3,7 +3,8 @@
 The reference is the frozen starting model, so its log-probs are a pure function of each row: computing
 them once (on an actor pool, one model per actor) and carrying them as `ref_chosen_logps` /
 `ref_rejected_logps` columns means no reference model sits beside the policy during training, and the
-training step does one forward instead of two.
+training step does one forward instead of two. It scores log-probs only (no token statistics), collates as
+training does (padding-free with `train.packing`) and takes several training micro-batches of rows at a time.
 """
 
 from __future__ import annotations
@@ -13,10 +14,15 @@ import ray
 import torch
 
 from ray_zephyr.config import Recipe
-from ray_zephyr.data.collate import collate_preference
 from ray_zephyr.embedded import resolve_model_path
 from ray_zephyr.train.engine import load_causal_lm
 from ray_zephyr.train.losses import TokenScorer, sequence_logps
+from ray_zephyr.train.packing import model_inputs
+from ray_zephyr.train.step import DPOObjective
+
+
+# A forward without gradients keeps no activations and no optimizer state: it fits several training micro-batches.
+MICRO_BATCHES_PER_REFERENCE_BATCH = 4
 
 
 class ReferenceScorer:
@@ -26,14 +32,13 @@ class ReferenceScorer:
         self.device = torch.device("cuda" if recipe.train.use_gpu else "cpu")
         self.model = TokenScorer(load_causal_lm(recipe, resolve_model_path(model_path), recipe.train.use_gpu))
         self.model.to(self.device).eval().requires_grad_(False)
-        self.data, self.pad_token_id = recipe.data, pad_token_id
+        self.objective = DPOObjective(recipe, pad_token_id)  # collates as training does (padding-free with packing)
 
     @torch.no_grad()
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        batch = collate_preference(rows, self.pad_token_id, self.data.max_length, self.data.truncation_mode)
-        batch = {k: v.to(self.device) for k, v in batch.items()}
-        stats = self.model(batch["input_ids"], batch["attention_mask"], batch["completion_mask"], token_stats=False)
-        chosen, rejected = sequence_logps(stats, batch["input_ids"].shape[0])
+        batch = {k: v.to(self.device) for k, v in self.objective.collate(rows).items()}
+        stats = self.model(**model_inputs(batch, "completion_mask"), token_stats=False)
+        chosen, rejected = sequence_logps(stats, len(batch["lengths"]))
         return rows | {"ref_chosen_logps": chosen.float().cpu().numpy(), "ref_rejected_logps": rejected.float().cpu().numpy()}
 
 
@@ -43,7 +48,7 @@ def add_reference_logps(ds: ray.data.Dataset, recipe: Recipe, model_path: str, p
     return ds.map_batches(
         ReferenceScorer,
         fn_constructor_kwargs={"recipe": recipe, "model_path": model_path, "pad_token_id": pad_token_id},
-        batch_size=train.per_device_batch_size,
+        batch_size=MICRO_BATCHES_PER_REFERENCE_BATCH * train.per_device_batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=train.num_workers),
         num_gpus=1 if train.use_gpu else 0,

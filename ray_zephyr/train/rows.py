@@ -15,7 +15,11 @@ The order, derived by every worker with no coordination:
   shuffling);
 - global step s takes positions [s*G, (s+1)*G); with `train.group_by_length` these G rows are ordered longest
   first (by `num_tokens`), so each micro-batch holds rows of similar length (less padding; with packing, the
-  W micro-batches of each round carry similar token counts); micro-batch m = p // B goes to worker m % W.
+  W micro-batches of each round carry similar token counts); micro-batch m = p // B goes to worker m % W;
+- with a token budget (`train.micro_batch_tokens`), each worker's B x A rows of a step are cut into runs of at
+  most that many tokens instead of A micro-batches of B rows (`split_by_tokens`), as many on every worker
+  (ZeRO-3 needs every worker to run the same number of forwards): the fewest that fit the budget on the
+  fullest worker; the others halve their largest micro-batches until they have as many.
 
 What a global step trains on depends on (seed, N, G) only, not on how G is split into workers and
 accumulation steps; a checkpoint after step s records (epoch, step), and a resumed worker continues at
@@ -24,7 +28,7 @@ position (s+1)*G of that epoch, seeing exactly the micro-batches it would have s
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +51,7 @@ class Layout:
     accumulation: int  # A
     seed: int
     shuffle: bool
+    micro_batch_tokens: int | None = None  # a token budget per micro-batch instead of B rows
 
     @property
     def global_batch(self) -> int:
@@ -75,6 +80,45 @@ class Layout:
         return order[positions[(positions // self.micro_batch) % self.world_size == rank]]
 
 
+    def rank_micro_batches(self, epoch: int, rank: int, start_step: int, lengths: np.ndarray,
+                           group_by_length: bool) -> list[list[np.ndarray]]:
+        """Worker `rank`'s micro-batches (arrays of sample ids) of each global step of `epoch` from `start_step` on,
+        given every row's token count `lengths`."""
+        order_by = lengths if group_by_length else None
+        if self.micro_batch_tokens is None:
+            ids = self.rank_sample_ids(epoch, rank, start_step, order_by)
+            return [list(step) for step in ids.reshape(-1, self.accumulation, self.micro_batch)]
+        per_rank = [self.rank_sample_ids(epoch, r, start_step, order_by).reshape(-1, self.micro_batch * self.accumulation)
+                    for r in range(self.world_size)]
+        steps = []
+        for step in range(len(per_rank[rank])):
+            splits = [split_by_tokens(ids[step], lengths, self.micro_batch_tokens) for ids in per_rank]
+            steps.append(split_further(splits[rank], lengths, max(len(s) for s in splits)))
+        return steps
+
+
+def split_by_tokens(ids: np.ndarray, lengths: np.ndarray, budget: int) -> list[np.ndarray]:
+    """`ids` cut, in order, into the fewest runs of at most `budget` tokens (a longer row is a run of its own)."""
+    runs, start, total = [], 0, 0
+    for i, n in enumerate(lengths[ids]):
+        if i > start and total + n > budget:
+            runs.append(ids[start:i])
+            start, total = i, 0
+        total += n
+    return [*runs, ids[start:]]
+
+
+def split_further(runs: list[np.ndarray], lengths: np.ndarray, count: int) -> list[np.ndarray]:
+    """`runs` with the one holding the most tokens halved until there are `count` (every worker has as many rows
+    as the fullest, so there are enough rows)."""
+    runs = list(runs)
+    while len(runs) < count:
+        i = max((i for i, r in enumerate(runs) if len(r) > 1), key=lambda i: lengths[runs[i]].sum())
+        half = (len(runs[i]) + 1) // 2
+        runs[i : i + 1] = [runs[i][:half], runs[i][half:]]
+    return runs
+
+
 def eval_layout(rows: int, micro_batch: int, world_size: int) -> Layout:
     """Evaluation: the pipeline's order, as many whole rounds of W micro-batches as fit (every worker must run
     the same number of forwards under ZeRO-3)."""
@@ -92,12 +136,12 @@ def _plain_columns(batch: pa.Table) -> pa.Table:
 
 
 def _num_tokens(batch: pa.Table) -> pa.Array:
-    """Tokens of a row: the sum of its token-id lists (`input_ids`; or `prompt_ids`, `chosen_ids`, `rejected_ids`)."""
-    counts = [pc.list_value_length(batch.column(name)) for name in batch.column_names if name.endswith("_ids")]
-    total = counts[0]
-    for count in counts[1:]:
-        total = pc.add(total, count)
-    return total
+    """Tokens the model reads for a row, before truncation: `input_ids` (SFT); a pair's two sequences,
+    prompt + chosen and prompt + rejected (DPO)."""
+    if "input_ids" in batch.column_names:
+        return pc.list_value_length(batch.column("input_ids"))
+    prompt, chosen, rejected = (pc.list_value_length(batch.column(f"{n}_ids")) for n in ("prompt", "chosen", "rejected"))
+    return pc.add(pc.multiply(prompt, 2), pc.add(chosen, rejected))
 
 
 def write_rows(batches: Iterator[pa.Table | pa.RecordBatch], folder: str) -> int:
@@ -129,8 +173,8 @@ class RowFile:
         self.table = pa.ipc.open_file(pa.memory_map(str(local))).read_all()
         self.lengths = self.table.column("num_tokens").to_numpy()
 
-    def micro_batches(self, sample_ids: np.ndarray, micro_batch: int) -> Iterator[dict[str, np.ndarray]]:
-        """The rows `sample_ids`, B at a time, as numpy columns (lists of tokens as arrays)."""
-        for start in range(0, len(sample_ids), micro_batch):
-            chunk = self.table.take(pa.array(sample_ids[start : start + micro_batch]))
+    def micro_batches(self, micro_batches: Iterable[np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        """The rows of each micro-batch (an array of sample ids), as numpy columns (lists of tokens as arrays)."""
+        for sample_ids in micro_batches:
+            chunk = self.table.take(pa.array(sample_ids))
             yield {name: chunk.column(name).to_numpy(zero_copy_only=False) for name in chunk.column_names}

@@ -126,7 +126,7 @@ def _on_device(engine, batch: dict) -> dict[str, torch.Tensor]:
 
 
 def train_step(engine, objective, micro_batches: list[dict], token_stats: bool = True) -> dict[str, float]:
-    """One optimizer step over this worker's share (A collated micro-batches, `objective.collate`) of a global
+    """One optimizer step over this worker's share (its collated micro-batches, `objective.collate`) of a global
     batch; `token_stats` adds entropy, token accuracy and mean logits (full-vocabulary work: only on the steps
     that are logged)."""
     start = time.perf_counter()
@@ -137,13 +137,17 @@ def train_step(engine, objective, micro_batches: list[dict], token_stats: bool =
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     lr = engine.get_lr()[0]
     metrics = MetricSums(engine.device)
-    for batch in batches:
+    for i, batch in enumerate(batches):
+        # The number of micro-batches may vary from step to step (`train.micro_batch_tokens`): say where the
+        # optimizer step is rather than let DeepSpeed count to its configured accumulation.
+        engine.set_gradient_accumulation_boundary(i == len(batches) - 1)
         loss = objective.loss(engine, batch, denominator, metrics, token_stats)
         # The loss is already this worker's share of the global mean; DeepSpeed averages gradients over
         # workers, so scale by the world size and skip its own division by the accumulation steps.
         engine.backward(loss * world_size, scale_wrt_gas=False)
         engine.step()
-    return _finish(objective, metrics, batches, start) | {"lr": lr, "grad_norm": float(engine.get_global_grad_norm())}
+    return _finish(objective, metrics, batches, start) | {"lr": lr, "grad_norm": float(engine.get_global_grad_norm()),
+                                                          "micro_batches": len(batches)}
 
 
 @torch.no_grad()
