@@ -29,6 +29,7 @@ from ray_zephyr.data.sources import Chunk, ResolvedSource, read_chunk, resolve_s
 from ray_zephyr.data.tokenize import TOKENIZERS, bos_choice
 from ray_zephyr.data.validate import Invalid
 from ray_zephyr.errors import DataError, DataStallError
+from ray_zephyr.runtime import local_cores
 
 KEPT = "kept"
 COLUMNS = {
@@ -221,6 +222,7 @@ def resolve_sources(recipe: Recipe, sources: list[SourceConfig]) -> tuple[list[C
 def _build(recipe: Recipe, tokenizer, resolved: tuple[list[Chunk], dict[str, float]], dataset: str,
            holdout: str | None, stats, shuffle: bool) -> ray.data.Dataset:
     chunks, thresholds = resolved
+    cores = local_cores()
     ds = ray.data.from_items([{"chunk": i} for i in range(len(chunks))], override_num_blocks=len(chunks))
     ds = ds.map_batches(
         Prepare,
@@ -228,6 +230,7 @@ def _build(recipe: Recipe, tokenizer, resolved: tuple[list[Chunk], dict[str, flo
                                    thresholds=thresholds, holdout=holdout, shuffle=shuffle, stats=stats),
         batch_size=1,
         batch_format="numpy",
+        concurrency=(1, max(1, min(cores, len(chunks)))) if cores else None,  # on a cluster: Ray's autoscaling pool
     )
     if shuffle:
         ds = ds.sort("shuffle_key").drop_columns(["shuffle_key"])
