@@ -170,11 +170,25 @@ class RowFile:
 
     def __init__(self, folder: str):
         local = Path(storage.local_copy(folder)) / ROWS_FILE
-        self.table = pa.ipc.open_file(pa.memory_map(str(local))).read_all()
-        self.lengths = self.table.column("num_tokens").to_numpy()
+        reader = pa.ipc.open_file(pa.memory_map(str(local)))
+        self.batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
+        self.starts = np.cumsum([0] + [b.num_rows for b in self.batches])  # sample id of each batch's first row
+        self.lengths = np.concatenate([b.column("num_tokens").to_numpy() for b in self.batches] or [np.zeros(0, int)])
+
+    def take(self, sample_ids: np.ndarray) -> pa.Table:
+        """The rows `sample_ids`, in that order, each taken from the record batch that holds it: a `take` on the
+        whole file's table would concatenate its chunks first, O(N) per micro-batch (42 ms at 200k rows)."""
+        batch_of = np.searchsorted(self.starts, sample_ids, side="right") - 1
+        parts, positions = [], []
+        for b in np.unique(batch_of):
+            picked = np.flatnonzero(batch_of == b)
+            parts.append(self.batches[b].take(pa.array(sample_ids[picked] - self.starts[b])))
+            positions.append(picked)
+        table = pa.Table.from_batches(parts)
+        return table.take(pa.array(np.argsort(np.concatenate(positions)))) if len(parts) > 1 else table
 
     def micro_batches(self, micro_batches: Iterable[np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
         """The rows of each micro-batch (an array of sample ids), as numpy columns (lists of tokens as arrays)."""
         for sample_ids in micro_batches:
-            chunk = self.table.take(pa.array(sample_ids))
+            chunk = self.take(np.asarray(sample_ids))
             yield {name: chunk.column(name).to_numpy(zero_copy_only=False) for name in chunk.column_names}
