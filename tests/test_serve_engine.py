@@ -135,18 +135,15 @@ def test_batched_greedy_matches_transformers_generate(service):
 
 
 def test_incremental_detokenization_equals_tokenizer_decode(service):
-    """Random token ids (half UTF-8 characters, special tokens) fed one by one through a request's
-    sampler at temperature 0: the streamed pieces add up to `tokenizer.decode` of the same ids."""
+    """Random token ids (half UTF-8 characters, special tokens) fed one by one to a request as if
+    sampled: the streamed pieces add up to `tokenizer.decode` of the same ids."""
     engine, rng = service.engine, random.Random(0)
     vocab = engine.model.config.vocab_size
     for _ in range(50):
         ids = [rng.choice([t for t in range(vocab) if t not in engine.eos_ids]) for _ in range(rng.randint(1, 30))]
         request = Request(engine, [1], Sampling(max_tokens=len(ids), temperature=0))
-        text = ""
-        for token in ids:
-            logits = torch.full((1, vocab), -1e9)
-            logits[0, token] = 0
-            text += "".join(p.text for p in request.sample(logits, request.choices))
+        pieces = [request.advance(request.choices[0], token) for token in ids]
+        text = "".join(p.text for p in pieces if p is not None)
         assert text == engine.tokenizer.decode(ids, skip_special_tokens=True)
         assert request.finished
 

@@ -1,5 +1,6 @@
 """The parts of serving that need no model: request validation, settings and Serve configs, the
-vLLM request mapping (vLLM itself runs only on GPU), stop-sequence streaming and sampling."""
+vLLM request mapping (vLLM itself runs only on GPU), and stop-sequence streaming
+(sampling: tests/test_serve_sampling.py)."""
 
 from __future__ import annotations
 
@@ -7,14 +8,13 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from pydantic import ValidationError
 
 from ray_zephyr.serving.engine import Sampling
 from ray_zephyr.serving.protocol import OpenAIError, parse_request
 from ray_zephyr.serving.settings import REPLICA_ENV, ServeSettings
-from ray_zephyr.serving.transformers_engine import find_stop, safe_end, sample_next
+from ray_zephyr.serving.transformers_engine import find_stop, safe_end
 from ray_zephyr.serving.vllm_engine import finish_reason, sampling_params_kwargs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,17 +133,3 @@ def test_safe_end_holds_back_what_may_become_a_stop(text, stop, sendable):
 def test_find_stop_takes_the_earliest():
     assert find_stop("one. two! three", ("!", ".")) == 3
     assert find_stop("nothing", ("!",)) is None
-
-
-def test_sample_next():
-    logits = torch.tensor([[0.0, 5.0, 4.9, -1.0]] * 2)
-
-    def draws(temperature: float, top_p: float) -> torch.Tensor:
-        return torch.stack([sample_next(logits, temperature, top_p, torch.Generator().manual_seed(s))
-                            for s in range(100)])
-
-    assert set(draws(0.0, 1.0).flatten().tolist()) == {1}  # greedy
-    assert set(draws(1.0, 0.01).flatten().tolist()) == {1}  # the nucleus holds only the top token
-    assert set(draws(1.0, 0.9).flatten().tolist()) == {1, 2}  # the top two hold > 90% of the mass
-    assert set(draws(5.0, 1.0).flatten().tolist()) == {0, 1, 2, 3}  # hot: every token
-    assert torch.equal(draws(1.0, 0.9), draws(1.0, 0.9))  # seeded

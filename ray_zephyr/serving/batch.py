@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from ray_zephyr.serving.sampling import RowSampling
+
 if TYPE_CHECKING:
     from ray_zephyr.serving.engine import Piece
     from ray_zephyr.serving.transformers_engine import Choice, Request
@@ -34,14 +36,16 @@ def _pad_left(cache, mask: torch.Tensor, length: int) -> torch.Tensor:
 
 
 class DecodeBatch:
-    """Rows (request, choice), their KV cache, attention mask, next input token and next position."""
+    """Rows (request, choice), their sampling, KV cache, attention mask, next input token and next position."""
 
     def __init__(self, model):
         self.model = model
+        self.vocab = model.config.vocab_size
         self.clear()
 
     def clear(self) -> None:
         self.rows: list[tuple[Request, Choice]] = []
+        self.sampling = RowSampling.empty()
         self.cache = None
         self.mask = torch.zeros(0, 0, dtype=torch.long)
         self.next_ids = torch.zeros(0, dtype=torch.long)
@@ -59,7 +63,10 @@ class DecodeBatch:
                 out = self.model(input_ids=self.next_ids[:, None], attention_mask=mask,
                                  position_ids=self.positions[:, None], past_key_values=self.cache, use_cache=True)
             self.cache, self.mask, self.positions = out.past_key_values, mask, self.positions + 1
-            self.next_ids = self._sample(out.logits[:, -1], pieces)
+            self.next_ids = self.sampling.sample(out.logits[:, -1])
+            for (request, choice), token in zip(self.rows, self.next_ids.tolist()):
+                if (piece := request.advance(choice, token)) is not None:
+                    pieces.setdefault(id(request), (request, []))[1].append(piece)
             self._keep([i for i, (_, choice) in enumerate(self.rows) if not choice.finish])
         return list(pieces.values())
 
@@ -68,18 +75,20 @@ class DecodeBatch:
         n, prompt = request.sampling.n, torch.tensor([request.prompt_ids])
         with torch.inference_mode():
             out = self.model(input_ids=prompt, use_cache=True)
-        pieces = request.sample(out.logits[:, -1].expand(n, -1), request.choices)
-        first = torch.tensor(request.last_tokens)
+        sampling = RowSampling.for_request(request.sampling, request.generator, self.vocab)
+        first = sampling.sample(out.logits[:, -1].expand(n, -1))
+        pieces = [request.advance(choice, token) for choice, token in zip(request.choices, first.tolist())]
         live = [i for i, c in enumerate(request.choices) if not c.finish]
-        if not live:
-            return pieces
-        cache = out.past_key_values
-        _each_layer(cache, lambda t: t.expand(len(live), -1, -1, -1).contiguous())
-        mask = torch.ones(len(live), prompt.shape[1], dtype=torch.long)
-        self._stack(cache, mask, first[live], [(request, request.choices[i]) for i in live], prompt.shape[1])
-        return pieces
+        if live:
+            cache = out.past_key_values
+            _each_layer(cache, lambda t: t.expand(len(live), -1, -1, -1).contiguous())
+            mask = torch.ones(len(live), prompt.shape[1], dtype=torch.long)
+            rows = [(request, request.choices[i]) for i in live]
+            self._stack(cache, mask, first[live], rows, sampling.take(live), prompt.shape[1])
+        return [p for p in pieces if p is not None]
 
-    def _stack(self, cache, mask: torch.Tensor, next_ids: torch.Tensor, rows: list, position: int) -> None:
+    def _stack(self, cache, mask: torch.Tensor, next_ids: torch.Tensor, rows: list, sampling: RowSampling,
+               position: int) -> None:
         if self.cache is None:
             self.cache, self.mask = cache, mask
         else:
@@ -89,21 +98,9 @@ class DecodeBatch:
                 mine.keys = torch.cat([mine.keys, theirs.keys])
                 mine.values = torch.cat([mine.values, theirs.values])
         self.rows += rows
+        self.sampling = self.sampling.join(sampling, self.vocab)
         self.next_ids = torch.cat([self.next_ids, next_ids])
         self.positions = torch.cat([self.positions, torch.full((len(rows),), position)])
-
-    def _sample(self, logits: torch.Tensor, pieces: dict[int, tuple[Request, list[Piece]]]) -> torch.Tensor:
-        """Each request samples its own rows with its own generator; the batch's next input ids."""
-        by_request: dict[int, list[int]] = {}
-        for i, (request, _) in enumerate(self.rows):
-            by_request.setdefault(id(request), []).append(i)
-        next_ids = torch.zeros(len(self.rows), dtype=torch.long)
-        for indices in by_request.values():
-            request = self.rows[indices[0]][0]
-            new = request.sample(logits[indices], [self.rows[i][1] for i in indices])
-            next_ids[indices] = torch.tensor(request.last_tokens)
-            pieces.setdefault(id(request), (request, []))[1].extend(new)
-        return next_ids
 
     def _keep(self, indices: list[int]) -> None:
         """Keep only these rows, and cut the padding columns no kept row needs."""
@@ -114,6 +111,7 @@ class DecodeBatch:
             return
         index = torch.tensor(indices)
         self.rows = [self.rows[i] for i in indices]
+        self.sampling = self.sampling.take(indices)
         self.mask, self.next_ids, self.positions = self.mask[index], self.next_ids[index], self.positions[index]
         start = int(self.mask.any(0).nonzero()[0])
         self.mask = self.mask[:, start:]

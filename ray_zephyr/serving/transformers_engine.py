@@ -28,18 +28,6 @@ logger = logging.getLogger(__name__)
 REPLACEMENT_CHAR = "\ufffd"  # what a byte-level tokenizer decodes half a UTF-8 character to
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
-    """[rows, vocab] logits -> [rows] token ids: greedy at temperature 0, else nucleus sampling."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p < 1:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # the most likely token always stays
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(outside, 0))
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
 def find_stop(text: str, stop: tuple[str, ...], start: int = 0) -> int | None:
     """Where the earliest stop sequence starts in `text[start:]`, if any does."""
     hits = [i for i in (text.find(s, start) for s in stop) if i >= 0]
@@ -72,7 +60,6 @@ class Choice:
         self.counted = 0  # tokens generated, end-of-sequence included
         self.reported = 0  # tokens already accounted for in pieces
         self.finish: FinishReason | None = None
-        self.counts: torch.Tensor | None = None  # how often each token was sampled, for the penalties
 
 
 class Request:
@@ -85,33 +72,16 @@ class Request:
         self.choices = [Choice(i) for i in range(sampling.n)]
         self.queue: asyncio.Queue[list[Piece] | BaseException | None] = asyncio.Queue()
         self.cancelled = False  # the client went away: its rows leave the batch at the next step
-        self.last_tokens: list[int] = []  # what `sample` drew, one per choice it was given
 
     @property
     def finished(self) -> bool:
         return all(c.finish for c in self.choices)
 
-    def sample(self, logits: torch.Tensor, choices: list[Choice]) -> list[Piece]:
-        """Sample one token for each of `choices` from its row of `logits`; the pieces that produced."""
-        s = self.sampling
-        logits = logits.float()
-        if s.logit_bias:
-            ids, biases = zip(*s.logit_bias)
-            logits = logits + torch.zeros(logits.shape[-1]).index_put((torch.tensor(ids),), torch.tensor(biases))
-        if s.frequency_penalty or s.presence_penalty:
-            counts = torch.stack([c.counts if c.counts is not None else torch.zeros(logits.shape[-1])
-                                  for c in choices])
-            logits = logits - counts * s.frequency_penalty - (counts > 0) * s.presence_penalty
-        tokens = self.last_tokens = sample_next(logits, s.temperature, s.top_p, self.generator).tolist()
-        pieces = [self._advance(choice, token, logits.shape[-1]) for choice, token in zip(choices, tokens)]
-        return [p for p in pieces if p is not None]
-
-    def _advance(self, choice: Choice, token: int, vocab: int) -> Piece | None:
+    def advance(self, choice: Choice, token: int) -> Piece | None:
+        """Add the token `choice` sampled: its new text (held back where it may become a stop sequence),
+        or None while there is nothing to send."""
         s, engine = self.sampling, self.engine
         choice.counted += 1
-        if s.frequency_penalty or s.presence_penalty:
-            choice.counts = torch.zeros(vocab) if choice.counts is None else choice.counts
-            choice.counts[token] += 1
         finish: FinishReason | None = None
         searched = max(0, len(choice.text) - max(map(len, s.stop), default=0) + 1)
         if token in engine.eos_ids:
