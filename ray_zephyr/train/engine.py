@@ -156,7 +156,8 @@ def build_engine(recipe: Recipe, model_path: str, total_steps: int):
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
         lm.config.use_cache = False
         if recipe.model.lora:
-            lm = lora.add_adapter(lm, recipe.model.lora, lora.base_name(recipe.model.name_or_path, model_path), zero3)
+            lm = lora.add_adapter(lm, recipe.model.lora, lora.base_name(recipe.model.name_or_path, model_path), zero3,
+                                  recipe.seed)
         model = TokenScorer(lm)
         params = [p for p in model.parameters() if p.requires_grad]
         engine, *_ = deepspeed.initialize(
