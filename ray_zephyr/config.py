@@ -79,13 +79,32 @@ class DataConfig(_Section):
         return str(value).lower() if isinstance(value, bool) else value
 
 
+class LoraConfig(_Section):
+    """A LoRA adapter trained instead of the whole model (peft; `pip install ray-zephyr[lora]`)."""
+
+    r: int = Field(16, ge=1)
+    alpha: float = Field(16, gt=0)  # the update is scaled by alpha / r
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                         "down_proj"]
+    merge: bool = False  # also write <output_dir>/merged: the starting model with the adapter merged in
+
+
 class ModelConfig(_Section):
-    name_or_path: str  # hub id, local folder, or "embedded" (the project's tiny model)
+    name_or_path: str  # hub id, local folder (a model, or a LoRA adapter: merged into its base), or "embedded"
     tokenizer: str | None = None  # defaults to name_or_path
     revision: str | None = None
     trust_remote_code: bool = False
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = True
+    lora: LoraConfig | None = None  # train a LoRA adapter on the frozen model
+    load_in_4bit: bool = False  # QLoRA: the frozen model in 4-bit NF4 (bitsandbytes); needs lora
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if self.load_in_4bit and self.lora is None:
+            raise ValueError("load_in_4bit trains a LoRA adapter on 4-bit weights: set model.lora too")
+        return self
 
 
 class TrainConfig(_Section):
@@ -108,7 +127,7 @@ class TrainConfig(_Section):
     lr: float = Field(2e-5, gt=0)
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_ratio: float = Field(0.1, ge=0, le=1)
-    optimizer: Literal["adamw", "rmsprop"] = "adamw"
+    optimizer: Literal["adamw", "rmsprop", "paged_adamw"] = "adamw"  # paged_adamw: bitsandbytes' PagedAdamW32bit
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     zero_stage: Literal[2, 3] = 3
@@ -136,6 +155,14 @@ class Recipe(_Section):
     data: DataConfig
     train: TrainConfig
     dpo: DPOConfig = DPOConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> Recipe:
+        if self.model.load_in_4bit and self.train.zero_stage == 3:
+            raise ValueError("model.load_in_4bit needs train.zero_stage=2: ZeRO-3 does not partition 4-bit weights "
+                             "(each worker holds the 4-bit model; ZeRO-2 partitions the adapter's gradients and "
+                             "optimizer state)")
+        return self
 
 
 class _RecipeLoader(yaml.SafeLoader):

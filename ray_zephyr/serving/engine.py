@@ -16,6 +16,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ray_zephyr.embedded import resolve_model_path
 from ray_zephyr.errors import UserError
+from ray_zephyr.lora import ADAPTER_CONFIG
 from ray_zephyr.serving.settings import ServeSettings
 
 FinishReason = Literal["stop", "length"]
@@ -60,10 +61,12 @@ class Engine(Protocol):
 
 
 def load_engine(settings: ServeSettings) -> Engine:
-    """Build the configured engine; vLLM is imported only when asked for (an optional extra)."""
+    """Build the configured engine; vLLM is imported only when asked for (an optional extra). The folder holds a
+    Hugging Face model, or a LoRA adapter (peft format) that names its base model."""
     model_dir = resolve_model_path(settings.model)
-    if not (Path(model_dir) / "config.json").is_file():
-        raise UserError(f"model {model_dir!r} is not a Hugging Face model folder (no config.json in it)")
+    if not any((Path(model_dir) / name).is_file() for name in ("config.json", ADAPTER_CONFIG)):
+        raise UserError(f"model {model_dir!r} is not a Hugging Face model folder nor a LoRA adapter folder (no "
+                        f"config.json or {ADAPTER_CONFIG} in it)")
     if settings.engine == "vllm":
         from ray_zephyr.serving.vllm_engine import VLLMEngine
 

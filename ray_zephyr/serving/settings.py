@@ -22,7 +22,8 @@ REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
 class ServeSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    model: str = Field("embedded", description="Hugging Face folder to serve, or `embedded` (the tiny default)")
+    model: str = Field("embedded", description="Hugging Face folder to serve, a LoRA adapter folder (served on its "
+                       "base), or `embedded` (the tiny default)")
     model_name: str | None = Field(None, description="name clients pass as `model`; default: the folder's name")
     engine: Literal["vllm", "transformers"] = "vllm"
     api_key: str | None = Field(None, description=f"required Bearer token; default: ${API_KEY_ENV} on the replica")

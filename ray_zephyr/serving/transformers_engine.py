@@ -21,6 +21,7 @@ import torch
 from tokenizers.decoders import DecodeStream
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from ray_zephyr.lora import load_merged
 from ray_zephyr.serving.batch import DecodeBatch
 from ray_zephyr.serving.engine import FinishReason, Piece, Sampling
 
@@ -106,11 +107,12 @@ class Request:
 
 
 class TransformersEngine:
-    """Serves a Hugging Face folder with transformers on the CPU, up to `max_batch_rows` choices at once."""
+    """Serves a Hugging Face folder with transformers on the CPU, up to `max_batch_rows` choices at once. A LoRA
+    adapter folder is merged into its base as it loads (no adapter arithmetic per token)."""
 
     def __init__(self, model_dir: str, max_batch_rows: int = 64):
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+        self.model = load_merged(model_dir, AutoModelForCausalLM.from_pretrained).eval()
         self.context_length = self.model.config.max_position_embeddings
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = {self.tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}

@@ -10,7 +10,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+from ray_zephyr.embedded import resolve_model_path
 from ray_zephyr.errors import UserError
+from ray_zephyr.lora import adapter_base, adapter_rank, is_adapter
 from ray_zephyr.serving.engine import FinishReason, Piece, Sampling
 from ray_zephyr.serving.protocol import OpenAIError
 
@@ -39,13 +41,25 @@ def finish_reason(vllm_reason: str | None) -> FinishReason | None:
     return vllm_reason  # None, "stop" or "length"
 
 
+def lora_base(adapter_dir: str) -> str:
+    """The base model folder (or hub id) a LoRA adapter folder is served on; vLLM applies one adapter to a plain
+    model, so an adapter trained on another adapter (DPO from the SFT adapter) is served merged instead."""
+    base = resolve_model_path(adapter_base(adapter_dir))
+    if is_adapter(base):
+        raise UserError(f"{adapter_dir} is an adapter on another adapter ({base}), which vLLM cannot stack: serve "
+                        "its merged folder (train with model.lora.merge=true: <output_dir>/merged)")
+    return base
+
+
 class VLLMEngine:
-    """Serves a Hugging Face folder with `vllm.v1.engine.async_llm.AsyncLLM` on the replica's GPU or CPU."""
+    """Serves a Hugging Face folder with `vllm.v1.engine.async_llm.AsyncLLM` on the replica's GPU or CPU; a LoRA
+    adapter folder is served on its base with vLLM's LoRA support (`enable_lora`, a `LoRARequest` per request)."""
 
     def __init__(self, model_dir: str, engine_args: dict[str, Any]):
         try:
             from vllm import SamplingParams
             from vllm.engine.arg_utils import AsyncEngineArgs
+            from vllm.lora.request import LoRARequest
             from vllm.sampling_params import RequestOutputKind
             from vllm.v1.engine.async_llm import AsyncLLM
         except ImportError as exc:
@@ -55,7 +69,13 @@ class VLLMEngine:
 
         self._params = lambda sampling: SamplingParams(**sampling_params_kwargs(sampling),
                                                        output_kind=RequestOutputKind.DELTA)
-        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=model_dir, **engine_args))
+        self._lora = None
+        model = model_dir
+        if is_adapter(model_dir):
+            model = lora_base(model_dir)
+            engine_args = {"enable_lora": True, "max_loras": 1, "max_lora_rank": adapter_rank(model_dir)} | engine_args
+            self._lora = LoRARequest("adapter", 1, model_dir)
+        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=model, **engine_args))
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.context_length = self.engine.model_config.max_model_len
 
@@ -64,7 +84,7 @@ class VLLMEngine:
 
         prompt = TokensPrompt(prompt_token_ids=prompt_ids)
         # Closing this generator (client gone) aborts the request inside vLLM.
-        async for output in self.engine.generate(prompt, self._params(sampling), request_id):
+        async for output in self.engine.generate(prompt, self._params(sampling), request_id, lora_request=self._lora):
             yield [Piece(c.index, c.text, len(c.token_ids), finish_reason(c.finish_reason)) for c in output.outputs]
 
     async def check_health(self) -> None:

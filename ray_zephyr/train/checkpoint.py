@@ -2,6 +2,8 @@
 
 - Save: each worker writes its own ZeRO files into a temporary folder and reports it to Ray Train, which puts
   every worker's files into one checkpoint folder `<storage_path>/<run name>/step_NNNNNNNN` (local or URI).
+- LoRA: a checkpoint holds the adapter and its optimizer state, not the frozen model (loaded again from the
+  starting model on resume).
 - Load: each rank copies only the files it reads — its own ZeRO shards and the shared ones, not the other
   ranks' (at 7B on object storage that is 1/W of the optimizer state per worker, not all of it).
 - Fingerprint: what fixes the data order and the optimisation (the recipe without output paths and
@@ -23,7 +25,7 @@ import pyarrow.fs as pafs
 import ray.train
 from ray.train import CheckpointConsistencyMode
 
-from ray_zephyr import storage
+from ray_zephyr import lora, storage
 from ray_zephyr.config import Recipe
 from ray_zephyr.errors import UserError
 from ray_zephyr.train.rows import Layout
@@ -34,7 +36,7 @@ RANK_FILE = re.compile(r"zero_pp_rank_(\d+)_")
 # Keys that change where a run writes or how it is watched, not what it computes.
 BOOKKEEPING = {"train.output_dir", "train.storage_path", "train.shared_filesystem", "train.resume", "train.max_failures",
                "train.log_every_steps", "train.eval_every_steps", "train.checkpoint_every_steps",
-               "train.placement_strategy", "data.stall_timeout_s", "data.on_bad_row"}
+               "train.placement_strategy", "data.stall_timeout_s", "data.on_bad_row", "model.lora.merge"}
 
 
 @dataclass
@@ -86,11 +88,23 @@ def check_resumable(run_dir: str, expected: dict, resume: str) -> None:
                         "train.output_dir, or train.resume=fresh to delete them and start over")
 
 
+def save_state(engine, folder: str, position: Position) -> None:
+    """This rank's ZeRO state and the position into `folder` (a LoRA run's without the frozen model)."""
+    engine.save_checkpoint(folder, tag=TAG, client_state={"position": asdict(position)},
+                           exclude_frozen_parameters=lora.has_adapter(engine.module.lm))
+
+
+def load_state(engine, folder: str) -> Position:
+    """The state `save_state` wrote into `folder`, loaded into `engine`; returns the position."""
+    _, client_state = engine.load_checkpoint(folder, tag=TAG, load_module_strict=not lora.has_adapter(engine.module.lm))
+    return Position(**client_state["position"])
+
+
 def save_and_report(engine, metrics: dict, position: Position, fingerprint: dict, rank: int) -> None:
     """Report `metrics` to Ray Train with a checkpoint of this rank's state; returns once it is committed, so a
     worker that dies right after resumes from here."""
     with tempfile.TemporaryDirectory() as folder:
-        engine.save_checkpoint(folder, tag=TAG, client_state={"position": asdict(position)})
+        save_state(engine, folder, position)
         if rank == 0:
             Path(folder, FINGERPRINT_FILE).write_text(json.dumps(fingerprint, indent=1))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
@@ -131,5 +145,4 @@ def load(engine, rank: int) -> tuple[Position, list[str]] | None:
     if checkpoint is None:
         return None
     with _own_files(checkpoint, rank) as (folder, fetched):
-        _, client_state = engine.load_checkpoint(folder, tag=TAG)
-    return Position(**client_state["position"]), fetched
+        return load_state(engine, folder), fetched

@@ -11,7 +11,9 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
+from ray_zephyr import lora
 from ray_zephyr.config import Recipe, TrainConfig
+from ray_zephyr.embedded import resolve_model_path
 from ray_zephyr.errors import UserError
 from ray_zephyr.train.losses import TokenScorer
 
@@ -57,7 +59,7 @@ def deepspeed_config(train: TrainConfig, training: bool = True) -> dict:
             torch_adam = not train.use_gpu and not train.offload_optimizer
             params = {"lr": train.lr, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": train.weight_decay}
             config["optimizer"] = {"type": "AdamW", "params": params | ({"torch_adam": True} if torch_adam else {})}
-        else:  # rmsprop: a torch optimizer handed to DeepSpeed (see build_engine)
+        else:  # rmsprop, paged_adamw: an optimizer handed to DeepSpeed (see client_optimizer)
             config["zero_allow_untested_optimizer"] = True
             config["zero_force_ds_cpu_optimizer"] = False
     return config
@@ -93,52 +95,88 @@ def zero3_loading(config: dict):
         unset_hf_deepspeed_config()
 
 
-def load_causal_lm(recipe: Recipe, model_path: str, use_gpu: bool) -> torch.nn.Module:
+def load_causal_lm(recipe: Recipe, model_path: str, use_gpu: bool, quantized: bool = True) -> torch.nn.Module:
+    """The model at `model_path` (4-bit with `model.load_in_4bit` unless `quantized=False`); a LoRA adapter folder
+    is loaded onto its base and merged into it (`ray_zephyr.lora.load_merged`)."""
     from transformers import AutoModelForCausalLM
 
     m = recipe.model
-    try:
-        return AutoModelForCausalLM.from_pretrained(
-            model_path,
-            revision=m.revision,
-            dtype=torch.bfloat16 if use_gpu else torch.float32,
-            attn_implementation=m.attn_implementation,
-            trust_remote_code=m.trust_remote_code,
-        )
-    except (OSError, ValueError, ImportError) as exc:
-        raise UserError(f"cannot load model {model_path!r}: {str(exc).splitlines()[0]}") from None
+    four_bit = lora.four_bit_options(use_gpu) if quantized and m.load_in_4bit else {}
+
+    def load(folder: str) -> torch.nn.Module:
+        try:
+            return AutoModelForCausalLM.from_pretrained(
+                folder,
+                revision=m.revision,
+                dtype=torch.bfloat16 if use_gpu else torch.float32,
+                attn_implementation=m.attn_implementation,
+                trust_remote_code=m.trust_remote_code,
+                **four_bit,
+            )
+        except (OSError, ValueError, ImportError) as exc:
+            raise UserError(f"cannot load model {folder!r}: {str(exc).splitlines()[0]}") from None
+
+    return lora.load_merged(model_path, load)
+
+
+def client_optimizer(train: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer | None:
+    """The optimizer DeepSpeed is handed, where it does not build its own (adamw).
+
+    paged_adamw is the handbook's `paged_adamw_32bit`: bitsandbytes' PagedAdamW32bit, whose state lives in CUDA
+    unified memory that pages to the host under memory pressure (on CPU, bitsandbytes runs it unpaged)."""
+    if train.optimizer == "rmsprop":
+        return torch.optim.RMSprop(params, lr=train.lr, weight_decay=train.weight_decay)
+    if train.optimizer == "paged_adamw":
+        try:
+            from bitsandbytes.optim import PagedAdamW32bit
+        except ImportError:
+            raise UserError("train.optimizer=paged_adamw needs bitsandbytes: pip install 'ray-zephyr[lora]'") from None
+        return PagedAdamW32bit(params, lr=train.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=train.weight_decay)
+    return None
 
 
 def build_engine(recipe: Recipe, model_path: str, total_steps: int):
-    """The policy engine: model loaded (partitioned under ZeRO-3), optimizer and schedule from the recipe."""
+    """The policy engine: model loaded (partitioned under ZeRO-3), optimizer and schedule from the recipe; with
+    `model.lora`, a LoRA adapter on the frozen model, and only the adapter is optimized."""
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="nccl" if recipe.train.use_gpu else "gloo")  # wraps torch's group
     train = recipe.train
     config = deepspeed_config(train)
+    zero3 = config["zero_optimization"]["stage"] == 3
+    if zero3 and lora.is_adapter(resolve_model_path(model_path)):
+        raise UserError(f"model.name_or_path {recipe.model.name_or_path!r} is a LoRA adapter, merged into its base as "
+                        "it loads, which ZeRO-3's partitioned loading cannot do: use train.zero_stage=2, or start "
+                        "from its merged folder (model.lora.merge=true writes <output_dir>/merged)")
     with zero3_loading(config):
         lm = load_causal_lm(recipe, model_path, train.use_gpu)
         if recipe.model.gradient_checkpointing:
-            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # LoRA under ZeRO-3 needs reentrant checkpointing, which TRL forces too (trl#2514)
+            reentrant = zero3 and recipe.model.lora is not None
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
         lm.config.use_cache = False
+        if recipe.model.lora:
+            lm = lora.add_adapter(lm, recipe.model.lora, lora.base_name(recipe.model.name_or_path, model_path), zero3,
+                                  recipe.seed)
         model = TokenScorer(lm)
-        optimizer = None
-        if train.optimizer == "rmsprop":
-            optimizer = torch.optim.RMSprop(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+        params = [p for p in model.parameters() if p.requires_grad]
         engine, *_ = deepspeed.initialize(
             model=model,
-            model_parameters=model.parameters(),
-            optimizer=optimizer,
+            model_parameters=params,
+            optimizer=client_optimizer(train, params),
             lr_scheduler=scheduler_factory(train, total_steps),
             config=config,
         )
     return engine
 
 
-def build_reference(recipe: Recipe, model_path: str):
-    """A frozen copy of the starting model as a DeepSpeed inference engine (partitioned under ZeRO-3)."""
+def build_reference(recipe: Recipe, model_path: str, policy=None):
+    """A frozen copy of the starting model as a DeepSpeed inference engine (partitioned under ZeRO-3); for a LoRA
+    run, the `policy` engine with its adapter switched off."""
     import deepspeed
 
+    if recipe.model.lora:
+        return lora.AdapterOff(policy, policy.module.lm)
     config = deepspeed_config(recipe.train, training=False)
     with zero3_loading(config):
         model = TokenScorer(load_causal_lm(recipe, model_path, recipe.train.use_gpu)).eval().requires_grad_(False)
@@ -149,7 +187,8 @@ def build_reference(recipe: Recipe, model_path: str):
 def save_hf_model(engine, tokenizer, dest: str, rank: int, before_last_file=None) -> None:
     """Gather the weights parameter by parameter (ZeRO-3) and publish a consolidated Hugging Face folder from
     rank 0 at `dest` (a local path or a URI): config, safetensors (parameters and persistent buffers),
-    generation config and the tokenizer with its chat template. It is written to a local folder first and
+    generation config and the tokenizer with its chat template. For a LoRA run only the adapter is gathered and
+    the folder holds it in peft's format, with the tokenizer. It is written to a local folder first and
     then published whole (`storage.publish_dir`), so a crash mid-save leaves nothing a later job would load."""
     import tempfile
 
@@ -158,21 +197,42 @@ def save_hf_model(engine, tokenizer, dest: str, rank: int, before_last_file=None
     from ray_zephyr.storage import publish_dir
 
     lm = engine.module.lm
+    adapter = lora.has_adapter(lm)
     zero3 = engine.zero_optimization_partition_weights()
     state = {}
     for name, param in lm.named_parameters():
+        if adapter and not param.requires_grad:
+            continue
         with deepspeed.zero.GatheredParameters([param]) if zero3 else nullcontext():
             if rank == 0:
                 state[name] = param.detach().to("cpu", copy=True)
     if rank != 0:
         return
-    persistent = set(lm.state_dict().keys())  # buffers are not partitioned; non-persistent ones are not saved
-    state |= {name: buffer.detach().to("cpu", copy=True) for name, buffer in lm.named_buffers() if name in persistent}
     with tempfile.TemporaryDirectory() as folder:
-        lm.config.use_cache = True
-        lm.save_pretrained(folder, state_dict=state, safe_serialization=True)
+        if adapter:
+            lora.save_adapter(lm, state, folder)
+        else:
+            persistent = set(lm.state_dict().keys())  # buffers are not partitioned; non-persistent ones are not saved
+            state |= {n: b.detach().to("cpu", copy=True) for n, b in lm.named_buffers() if n in persistent}
+            lm.config.use_cache = True
+            lm.save_pretrained(folder, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(folder)
         publish_dir(folder, dest, before_last_file=before_last_file)
+
+
+def save_merged(recipe: Recipe, adapter_dir: str, tokenizer, dest: str) -> None:
+    """Publish at `dest` the published adapter at `adapter_dir` merged into its base, unquantized (a QLoRA adapter
+    merges into the bf16 base it was trained on in 4-bit), as an ordinary Hugging Face folder (`model.lora.merge`)."""
+    import tempfile
+
+    from ray_zephyr.storage import publish_dir
+
+    model = load_causal_lm(recipe, adapter_dir, recipe.train.use_gpu, quantized=False)
+    with tempfile.TemporaryDirectory() as folder:
+        model.config.use_cache = True
+        model.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+        publish_dir(folder, dest)
 
 
 def init_single_process(backend: str | None = None) -> None:

@@ -4,8 +4,9 @@
              resume from Ray Train's latest checkpoint if there is one
     loop     each global step: this worker's micro-batches -> forward, loss, backward, optimizer step
              (`step.train_step`) -> audit the samples -> log -> evaluate -> checkpoint
-    finish   a last evaluation, the consolidated model published to <output_dir>/model, the summary
-             written to <output_dir>/summary.json (the driver reads it from there)
+    finish   a last evaluation, the consolidated model (a LoRA run: the adapter) published to
+             <output_dir>/model (+ <output_dir>/merged on request), the summary written to
+             <output_dir>/summary.json (the driver reads it from there)
 
 torch.distributed is set up by Ray Train (gloo on CPU, nccl on GPU) before this runs. Which rows a worker
 trains on at each step is `rows.Layout`'s business; what a checkpoint holds is `checkpoint`'s.
@@ -21,7 +22,7 @@ from ray_zephyr import storage
 from ray_zephyr.data.pipeline import iter_with_stall_timeout
 from ray_zephyr.embedded import resolve_model_path
 from ray_zephyr.train import checkpoint, faults
-from ray_zephyr.train.engine import build_engine, build_reference, save_hf_model
+from ray_zephyr.train.engine import build_engine, build_reference, save_hf_model, save_merged
 from ray_zephyr.train.rows import RowFile, eval_layout
 from ray_zephyr.train.run_files import RunFiles
 from ray_zephyr.train.step import collated, evaluate, make_objective, train_step
@@ -38,7 +39,8 @@ def train_loop(config: dict) -> None:
     # -- set up ------------------------------------------------------------------------------------
     model_path = resolve_model_path(config["model_path"])
     engine = build_engine(recipe, model_path, total_steps)
-    reference = build_reference(recipe, model_path) if recipe.stage == "dpo" and recipe.dpo.reference == "resident" else None
+    resident = recipe.stage == "dpo" and recipe.dpo.reference == "resident"
+    reference = build_reference(recipe, model_path, engine) if resident else None
     objective = make_objective(recipe, config["tokenizer"].pad_token_id, reference)
     train_rows = RowFile(config["train_rows"])
     eval_rows = RowFile(config["eval_rows"]) if config["eval_rows"] else None
@@ -101,6 +103,8 @@ def train_loop(config: dict) -> None:
     save_hf_model(engine, config["tokenizer"], storage.join(output_dir, "model"), rank,
                   before_last_file=lambda: faults.maybe_fail(config["fault"], "mid_save", position.global_step,
                                                              output_dir, attempt))
+    if recipe.model.lora and recipe.model.lora.merge and rank == 0:
+        save_merged(recipe, storage.join(output_dir, "model"), config["tokenizer"], storage.join(output_dir, "merged"))
     summary = metrics | final | {"step": position.global_step}
     files.write_summary(summary)
     ray.train.report(summary)
