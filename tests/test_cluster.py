@@ -36,7 +36,7 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
 SMALL = ["data.train=[{path: embedded, split: train, rows: 192}]", "data.eval=[{path: embedded, split: test, rows: 32}]",
-         "train.log_every_steps=4", "train.eval_every_steps=0"]
+         "train.log_every_steps=4", "train.eval_every_steps=0", "train.epochs=1"]
 
 
 def _free_ports(n: int) -> list[int]:
@@ -137,8 +137,7 @@ def jobs(cluster, s3_server, tmp_path_factory):
     }
     submitted = {"sft": _finish(cluster, *sft)}
     dpo = _submit(cluster, ["jobs/dpo.py", "--config", "tiny-dpo", *SMALL, f"train.output_dir={bucket}/dpo",
-                            f"model.name_or_path={bucket}/sft/model", "train.placement_strategy=STRICT_SPREAD",
-                            "train.epochs=1"])
+                            f"model.name_or_path={bucket}/sft/model", "train.placement_strategy=STRICT_SPREAD"])
     submitted |= {name: _finish(cluster, *job) for name, job in bad.items()}
     submitted["dpo"] = _finish(cluster, *dpo)
     return bucket, submitted

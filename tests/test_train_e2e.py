@@ -15,7 +15,7 @@ from ray_zephyr.train.launch import run_training
 pytestmark = pytest.mark.slow
 
 SMALL = ["data.train=[{path: embedded, split: train, rows: 480}]", "data.eval=[{path: embedded, split: test, rows: 64}]",
-         "train.log_every_steps=3", "train.eval_every_steps=15"]
+         "train.log_every_steps=3", "train.eval_every_steps=15", "train.epochs=1"]
 
 
 def _records(path, split):

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-SMALLER = ["sft.data.train=[{path: embedded, split: train, rows: 800}]",
+SMALLER = ["sft.data.train=[{path: embedded, split: train, rows: 800}]", "sft.train.epochs=1",
            "aif.prompts=[{path: embedded, split: train, rows: 800}]",
            "data.eval=[{path: embedded, split: test, rows: 96}]"]
 
