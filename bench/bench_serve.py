@@ -19,16 +19,20 @@ import json
 import os
 import socket
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from ray_zephyr.embedded import chat_row, embedded_model_dir, save_embedded_model
-from ray_zephyr.errors import run_cli
-from ray_zephyr.serving.engine import load_engine
-from ray_zephyr.serving.protocol import parse_request
-from ray_zephyr.serving.service import ChatService
-from ray_zephyr.serving.settings import ServeSettings
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `serve/` (the app) lives beside `bench/`
+
+from ray_zephyr.embedded import chat_row, embedded_model_dir, save_embedded_model  # noqa: E402
+from ray_zephyr.errors import run_cli  # noqa: E402
+from ray_zephyr.serving.engine import load_engine  # noqa: E402
+from ray_zephyr.serving.protocol import parse_request  # noqa: E402
+from ray_zephyr.serving.service import ChatService  # noqa: E402
+from ray_zephyr.serving.settings import ServeSettings  # noqa: E402
 
 MODEL_NAME = "bench"
 RAY_WORKER_NICENESS = 15  # Ray's default for its worker processes (RAY_worker_niceness)
