@@ -45,7 +45,10 @@ def load_questions(source: str) -> list[dict]:
             raise UserError(f"MT-Bench questions {path}: not valid JSON lines ({exc.msg})") from None
     try:
         import datasets
-
+    except ImportError:
+        raise UserError(f"MT-Bench questions {source!r}: not a local file; reading them from the hub needs the "
+                        "`datasets` package (pip install datasets), or give FastChat's question.jsonl") from None
+    try:
         rows = datasets.load_dataset(source, split="train")
     except Exception as exc:  # noqa: BLE001 - offline, not found, auth: one readable line
         raise UserError(f"MT-Bench questions {source!r}: not a local file, and the hub gave {type(exc).__name__}: "
