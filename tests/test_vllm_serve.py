@@ -129,3 +129,46 @@ def test_a_killed_replica_and_one_whose_engine_died_are_replaced(ray_session, cl
         engine.send_signal(signal.SIGKILL)
     ray_session.kill(ray_session.get_actor(killed, namespace="serve"), no_restart=True)
     wait_for_replacements(ray_session, client, pids, 240)
+
+
+def test_vllm_serves_a_lora_adapter_on_its_base(vllm_model_dir, tmp_path):
+    """An adapter folder in peft's format (as LoRA training writes it, naming its base) is served by vLLM on its
+    base with `enable_lora` and a LoRARequest: greedy answers equal the merged model's, served the same way, and
+    differ from the base's, so the adapter is applied. (Engines in this process, one at a time; no Serve.)"""
+    import asyncio
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ray_zephyr.serving.engine import Sampling
+    from ray_zephyr.serving.vllm_engine import VLLMEngine
+
+    tokenizer = AutoTokenizer.from_pretrained(vllm_model_dir)
+    torch.manual_seed(0)
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    adapted = get_peft_model(AutoModelForCausalLM.from_pretrained(vllm_model_dir), config)
+    adapted.peft_config["default"].base_model_name_or_path = str(vllm_model_dir)
+    adapter_dir, merged_dir = tmp_path / "adapter", tmp_path / "merged"
+    adapted.save_pretrained(adapter_dir)
+    adapted.merge_and_unload().save_pretrained(merged_dir)
+    for folder in (adapter_dir, merged_dir):
+        tokenizer.save_pretrained(folder)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is 3 plus 4?"}], add_generation_prompt=True)
+    args = {"kv_cache_memory_bytes": 256 << 20, "max_model_len": 512, "enforce_eager": True, "dtype": "float32"}
+
+    def greedy(folder) -> str:
+        engine = VLLMEngine(str(folder), dict(args))
+
+        async def run() -> str:
+            pieces = [p async for ps in engine.generate(prompt, Sampling(max_tokens=16, temperature=0.0), "r") for p in ps]
+            return "".join(p.text for p in pieces)
+
+        try:
+            return asyncio.run(run())
+        finally:
+            engine.engine.shutdown()
+
+    on_base, merged, base = greedy(adapter_dir), greedy(merged_dir), greedy(vllm_model_dir)
+    assert on_base == merged
+    assert on_base != base
