@@ -154,7 +154,8 @@ def test_vllm_serves_a_lora_adapter_on_its_base(vllm_model_dir, tmp_path):
     adapted.merge_and_unload().save_pretrained(merged_dir)
     for folder in (adapter_dir, merged_dir):
         tokenizer.save_pretrained(folder)
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is 3 plus 4?"}], add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is 3 plus 4?"}], add_generation_prompt=True,
+                                           tokenize=True, return_dict=True)["input_ids"]
     args = {"kv_cache_memory_bytes": 256 << 20, "max_model_len": 512, "enforce_eager": True, "dtype": "float32"}
 
     def greedy(folder) -> str:
