@@ -19,6 +19,7 @@ over micro-batches, then divided once: the mean over the global batch, whatever 
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -72,9 +73,8 @@ class TokenScorer(nn.Module):
 def _gathered(*params: torch.Tensor | None):
     """Under DeepSpeed ZeRO-3, gather the partitioned `params` for the duration of the block (a no-op otherwise,
     or when they are already gathered, as a head tied to the embeddings can be). The scorer reads the LM head's
-    weight directly instead of calling the head module, so ZeRO-3's module hooks do not gather it."""
-    from contextlib import nullcontext
-
+    weight directly instead of calling the head module, so ZeRO-3's module hooks do not gather it. (TRL's
+    `maybe_gather_lm_head_ctx` does the same for its chunked kernel; TRL is not a runtime dependency here.)"""
     partitioned = {id(p): p for p in params if p is not None and hasattr(p, "ds_status")}
     if not partitioned:
         return nullcontext()

@@ -79,7 +79,6 @@ class Layout:
         positions = np.arange(start_step * self.global_batch, usable)
         return order[positions[(positions // self.micro_batch) % self.world_size == rank]]
 
-
     def rank_micro_batches(self, epoch: int, rank: int, start_step: int, lengths: np.ndarray,
                            group_by_length: bool) -> list[list[np.ndarray]]:
         """Worker `rank`'s micro-batches (arrays of sample ids) of each global step of `epoch` from `start_step` on,
