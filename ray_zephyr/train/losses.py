@@ -5,8 +5,9 @@
 no `(batch, seq, vocab)` logits are built and padding and prompt tokens cost nothing in the head; and it runs
 on them in chunks (`ChunkedLogps`), so not even the scored tokens' fp32 logits exist whole, forward or
 backward. The whole computation happens inside the wrapper's forward, so DeepSpeed ZeRO-3's module hooks
-gather the backbone as for a plain HF forward; the head's weight, read directly, is gathered explicitly
-(`_gathered`), in the forward and again in the backward. It takes padded
+gather the backbone as for a plain HF forward; the head's weight, read directly, is gathered explicitly:
+in the forward and again in the backward (`_gathered`), and an untied trained head (Mistral's) from the
+backward's start at the scorer until its gradient is accumulated (`HeadGather`). It takes padded
 batches (`attention_mask`) or padding-free ones (`train.packing`: every row in one sequence, `position_ids`
 restarting per row, `row_index` saying which row a token is in; see `packing.py`). The token statistics
 (entropy, top-1, mean logit: full-vocabulary work) are computed only when asked (logging steps, evaluation),
@@ -54,6 +55,7 @@ class TokenScorer(nn.Module):
         super().__init__()
         self.lm = lm
         self.softcap = getattr(lm.config.get_text_config(), "final_logit_softcapping", None)
+        self.head_gather = HeadGather()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, score_mask: torch.Tensor,
                 position_ids: torch.Tensor | None = None, row_index: torch.Tensor | None = None,
@@ -66,8 +68,52 @@ class TokenScorer(nn.Module):
         head = self.lm.get_output_embeddings()
         logps, entropy, is_top1, mean_logits = ChunkedLogps.apply(states, head.weight, head.bias, targets,
                                                                   self.softcap, token_stats)
+        if logps.requires_grad and head.weight is not self.lm.get_input_embeddings().weight:
+            params = [p for p in (head.weight, head.bias) if p is not None]
+            logps.register_hook(lambda _: self.head_gather.open(params))  # as the backward reaches the head
         row = row_index[:, 1:][mask] if row_index is not None else mask.nonzero()[:, 0]
         return TokenStats(row=row, logps=logps, entropy=entropy, is_top1=is_top1, mean_logits=mean_logits)
+
+
+class HeadGather:
+    """Under DeepSpeed ZeRO-3, keeps an untied, trained LM head (Mistral's, so zephyr-7b's) gathered from the
+    moment the backward reaches the scorer until autograd has accumulated the head's gradient. The scorer reads
+    the weight directly, so the head module's own gather hooks never run, and autograd accumulating a full-shape
+    gradient into a partitioned (empty) parameter fails: gathering only inside `ChunkedLogps.backward` ends too
+    early. A gradient hook on the log-probs opens DeepSpeed's `GatheredParameters`; a post-accumulate-grad hook
+    on each gathered parameter closes it once all have their gradient, after DeepSpeed's own reduction hook
+    (registered earlier, so run first) has taken it. A no-op without ZeRO-3, or for a frozen head (LoRA), whose
+    backward needs the weight only inside `ChunkedLogps` (`_gathered`). A tied head is accumulated with the
+    embeddings, whose module hooks gather it (tested on several workers)."""
+
+    def __init__(self) -> None:
+        self.context = None
+        self.pending: set[int] = set()  # ids of gathered parameters whose gradient is still to come
+        self.hooked: set[int] = set()
+
+    def open(self, params: list[nn.Parameter]) -> None:
+        trained = [p for p in params if p.requires_grad and hasattr(p, "ds_status")]
+        if self.context is not None or not trained:
+            return
+        import deepspeed
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        partitioned = [p for p in trained if p.ds_status != ZeroParamStatus.AVAILABLE]
+        if not partitioned:
+            return
+        self.context = deepspeed.zero.GatheredParameters(partitioned)
+        self.context.__enter__()
+        self.pending = {id(p) for p in partitioned}
+        for p in partitioned:
+            if id(p) not in self.hooked:
+                p.register_post_accumulate_grad_hook(self._accumulated)
+                self.hooked.add(id(p))
+
+    def _accumulated(self, param: nn.Parameter) -> None:
+        self.pending.discard(id(param))
+        if self.context is not None and not self.pending:
+            context, self.context = self.context, None
+            context.__exit__(None, None, None)
 
 
 def _gathered(*params: torch.Tensor | None):
