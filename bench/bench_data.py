@@ -6,7 +6,9 @@ produce every tokenized row. Ray's start-up is excluded (a cluster is already up
 our side also validates every row and counts drops. Prints rows/s for both, the ratio, and each side's peak
 memory: the proportional set size (PSS, so shared pages count once) of this process and all its descendants,
 sampled every 0.25 s. The peer runs first, before Ray starts; ours includes the whole local Ray runtime
-(GCS, raylet, idle workers, the object store's mapped pages).
+(GCS, raylet, idle workers, the object store's mapped pages). Last, the ceiling: `tokenize_sft` alone on one
+core (a fresh process, one tokenizer thread, rows already in memory, no I/O), times the machine's cores: what
+any pipeline running that tokenization could reach on this machine.
 
     python bench/bench_data.py [--rows 50000] [--tokenizer smollm2|embedded]
 """
@@ -119,6 +121,29 @@ def ours(path: Path, tokenizer_dir: Path, shuffle: bool) -> tuple[float, int]:
     return elapsed, rows
 
 
+def single_core_rows_per_s(path: Path, tokenizer_dir: Path, rows: int = 4096) -> float:
+    """`tokenize_sft` rows/s on one core: a fresh process with one tokenizer thread, batches of 256, no I/O."""
+    import subprocess
+
+    code = f"""
+import json, sys, time
+sys.path.insert(0, {str(ROOT)!r})
+from transformers import AutoTokenizer
+from ray_zephyr.data.tokenize import tokenize_sft
+from ray_zephyr.data.validate import sft_example
+tokenizer = AutoTokenizer.from_pretrained({str(tokenizer_dir)!r})
+with open({str(path)!r}) as f:
+    examples = [sft_example({{"messages": json.loads(next(f))["messages"]}}) for _ in range({rows})]
+start = time.perf_counter()
+for i in range(0, len(examples), 256):
+    tokenize_sft(tokenizer, examples[i:i + 256], {MAX_LENGTH}, "keep_start", False)
+print(len(examples) / (time.perf_counter() - start))
+"""
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", RAYON_NUM_THREADS="1", OMP_NUM_THREADS="1")
+    return float(subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True,
+                                text=True).stdout.split()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=50_000)
@@ -143,6 +168,7 @@ def main() -> None:
             t_ours, n_ours = ours(path, work / "tok", shuffle=False)
         with peak_memory() as shuffle_memory:
             t_shuf, n_shuf = ours(path, work / "tok", shuffle=True)
+        one_core = single_core_rows_per_s(path, work / "tok")
     assert n_peer == n_ours == n_shuf, (n_peer, n_ours, n_shuf)
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"machine: {platform.machine()} {os.cpu_count()} cores; load average {load}; tokenizer: {args.tokenizer}; rows: {args.rows}")
@@ -151,6 +177,9 @@ def main() -> None:
           f"  peak {our_memory['mib']:.0f} MiB")
     print(f"ray-zephyr + seeded shuffle:   {n_shuf / t_shuf:9.0f} rows/s  ({t_shuf:.1f} s)  ratio {t_peer / t_shuf:.2f}"
           f"  peak {shuffle_memory['mib']:.0f} MiB")
+    cores = os.cpu_count()
+    print(f"ceiling, tokenize_sft alone:   {one_core * cores:9.0f} rows/s  ({one_core:.0f} on one core x {cores} cores; "
+          f"{one_core * cores / (n_peer / t_peer):.2f}x the peer)")
 
 
 if __name__ == "__main__":

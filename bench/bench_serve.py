@@ -1,7 +1,7 @@
 """Chat throughput at concurrency 16: the batching engine vs one request at a time, and Ray Serve's cost.
 
     python bench/bench_serve.py [--model FOLDER | --hidden-size 64 --layers 2] [--requests 100] [--rounds 3]
-                                [--concurrency 16] [--max-tokens 128]
+                                [--concurrency 16] [--max-tokens 128] [--engine transformers|vllm]
 
 Three sides run the same requests (seeded, so all generate exactly the same tokens) through ChatService:
 `unbatched` (the transformers engine with max_batch_rows=1: one request decodes at a time, as the engine
@@ -9,6 +9,11 @@ did before it batched), `in-process` (the batching engine) and `ray-serve` (the 
 proxy, the replica hop and JSON over loopback). One replica, one torch thread and the same process
 priority everywhere; the sides alternate in rounds. Prints requests/s, p50/p95 latency, the batching
 speed-up (target >= 3) and the Serve / in-process throughput ratio (target >= 0.9).
+
+`--engine vllm` measures the Serve / in-process ratio for vLLM instead (no unbatched side): run it with
+vLLM's CPU build (the `.venv-vllm` that `.ci/vllm-check` builds) and a model of head_dim 64 (`--hidden-size
+256`). vLLM decodes in an engine-core process of its own, so Serve's per-request work does not share the
+decoding loop's GIL, as it does with the transformers engine.
 """
 
 from __future__ import annotations
@@ -120,31 +125,37 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="sides alternate, so load from elsewhere hits both")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=128, help="a typical chat answer's length")
+    parser.add_argument("--engine", choices=["transformers", "vllm"], default="transformers")
     args = parser.parse_args()
     model = args.model or str(save_embedded_model(
         embedded_model_dir().with_name(f"bench-h{args.hidden_size}-l{args.layers}"), args.hidden_size, args.layers))
 
-    settings = ServeSettings(model=model, model_name=MODEL_NAME, engine="transformers", num_gpus=0, num_cpus=1,
+    vllm_args = {"kv_cache_memory_bytes": 256 << 20, "max_model_len": 2048, "enforce_eager": True}
+    settings = ServeSettings(model=model, model_name=MODEL_NAME, engine=args.engine, num_gpus=0, num_cpus=1,
                              min_replicas=1, max_replicas=1, target_ongoing_requests=args.concurrency,
-                             max_ongoing_requests=args.concurrency)
+                             max_ongoing_requests=args.concurrency,
+                             vllm_engine_args=vllm_args if args.engine == "vllm" else {})
     requests = bodies(args.requests, args.max_tokens)
     warmup = requests[: args.concurrency]
     print(f"model {model}, {args.rounds} rounds x {args.requests} requests per side, concurrency "
-          f"{args.concurrency}, max_tokens {args.max_tokens}, transformers engine on CPU, 1 torch thread")
+          f"{args.concurrency}, max_tokens {args.max_tokens}, {args.engine} engine on CPU, 1 torch thread")
 
     from ray import serve
 
+    os.environ["OMP_NUM_THREADS"] = "1"  # vLLM's engine-core process, in-process and in the replica alike
     url = start_serve(settings)
     # Same conditions as the replica: one torch thread (Ray sets OMP_NUM_THREADS=1 for num_cpus=1) and
     # Ray's worker niceness (15), so that other load on the machine weighs on both sides alike.
     torch.set_num_threads(1)
     os.nice(max(0, RAY_WORKER_NICENESS - os.nice(0)))
     service = ChatService(load_engine(settings), MODEL_NAME, settings.max_n)
-    unbatched = ChatService(load_engine(settings.model_copy(update={"max_batch_rows": 1})), MODEL_NAME, settings.max_n)
-    runs = {"unbatched": [], "in-process": [], "ray-serve": []}
+    unbatched = None if args.engine == "vllm" else ChatService(
+        load_engine(settings.model_copy(update={"max_batch_rows": 1})), MODEL_NAME, settings.max_n)
+    runs = {"unbatched": [], "in-process": [], "ray-serve": []} if unbatched else {"in-process": [], "ray-serve": []}
     try:
         for _ in range(args.rounds):
-            runs["unbatched"].append(asyncio.run(in_process(unbatched, requests, warmup, args.concurrency)))
+            if unbatched:
+                runs["unbatched"].append(asyncio.run(in_process(unbatched, requests, warmup, args.concurrency)))
             runs["in-process"].append(asyncio.run(in_process(service, requests, warmup, args.concurrency)))
             runs["ray-serve"].append(asyncio.run(through_serve(url, requests, warmup, args.concurrency)))
     finally:
@@ -157,8 +168,9 @@ def main() -> None:
     per_round = [local[1] / served[1] for local, served in zip(runs["in-process"], runs["ray-serve"])]
     print(f"load average over the last minute: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (other work skews "
           "all sides; a figure counts only from a quiet machine, load < 1.5)")
-    print(f"batching speed-up in-process / unbatched: "
-          f"{figures['in-process']['rps'] / figures['unbatched']['rps']:.2f} (target >= 3)")
+    if unbatched:
+        print(f"batching speed-up in-process / unbatched: "
+              f"{figures['in-process']['rps'] / figures['unbatched']['rps']:.2f} (target >= 3)")
     print(f"throughput ratio serve / in-process: {figures['ray-serve']['rps'] / figures['in-process']['rps']:.3f} "
           f"(per round: {', '.join(f'{r:.3f}' for r in per_round)}; target >= 0.9)")
 
