@@ -144,6 +144,39 @@ def test_recipe_errors_are_one_line():
     assert load_aif_recipe("ultrafeedback-gpt4").binarize == "argilla"
 
 
+def test_prompts_of_each_shape_come_through_the_data_layer_and_bad_rows_name_file_and_row(tmp_path):
+    import json
+
+    import pyarrow as pa
+
+    from ray_zephyr.aif.prompts import read_prompts
+    from ray_zephyr.config import SourceConfig
+    from ray_zephyr.errors import DataError
+
+    def turn(role: str, text: str) -> dict:
+        return {"role": role, "content": text}
+
+    folder = tmp_path / "prompts"
+    folder.mkdir()
+    ultrafeedback = {"prompt": "What is 2?", "chosen": [turn("user", "What is 2?"), turn("assistant", "2")]}
+    ultrachat = {"messages": [turn("user", "Hi"), turn("assistant", "Hello"), turn("user", "Bye"),
+                              turn("assistant", "!")]}
+    (folder / "train-a.jsonl").write_text(json.dumps(ultrafeedback) + "\n\n" + json.dumps(ultrachat) + "\n")
+    (folder / "train-b.json").write_text(json.dumps([{"instruction": "List 3 colors.", "output": "red"}]))  # AlpacaEval
+    (folder / "test-c.jsonl").write_text(json.dumps({"prompt": "Not in the train split."}) + "\n")
+    pq.write_table(pa.Table.from_pylist([{"question": "Name a fruit."}]), tmp_path / "questions.parquet")
+    got = read_prompts([SourceConfig(path=str(folder), split="train"),
+                        SourceConfig(path=str(tmp_path / "questions.parquet"), columns={"prompt": "question"})], 0)
+    assert [p["messages"] for p in got] == [[turn("user", "What is 2?")], ultrachat["messages"][:3],
+                                            [turn("user", "List 3 colors.")], [turn("user", "Name a fruit.")]]
+    bad = tmp_path / "bad.jsonl"
+    for line, message in [("{not json", "row 1: not valid JSON"),
+                          (json.dumps({"text": "x"}), "row 2: needs prompt, instruction, messages or chosen")]:
+        bad.write_text(json.dumps({"prompt": "fine"}) + "\n" + ("\n" if "text" in line else "") + line + "\n")
+        with pytest.raises(DataError, match=f"^prompt source {re.escape(str(bad))}, {message}"):
+            read_prompts([SourceConfig(path=str(bad))], 0)
+
+
 # -- the whole job: Ray Data generation, our Serve app as a generator, the judge, the cache, the DPO reader --------
 
 

@@ -1,4 +1,6 @@
-"""Prompts for AI feedback from the sources the data layer knows: the embedded task, or local jsonl/json/parquet.
+"""Prompts for AI feedback from any source the data layer reads: hub datasets, local jsonl/json/parquet files or
+folders, the embedded task. Sources are resolved and read by ray_zephyr.data.sources (so `split`, `revision`,
+`columns` and `weight` mean what they mean for training data), in this process: prompts are few.
 
 A row gives its prompt as UltraFeedback does (`prompt`, or the turns before the last of `chosen`), as
 UltraChat does (`messages`, up to the last user turn), or as AlpacaEval does (`instruction`).
@@ -9,10 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator
-from pathlib import Path
 
 from ray_zephyr.config import SourceConfig
-from ray_zephyr.data.sources import EMBEDDED_DEFAULT_ROWS, EXTENSIONS
+from ray_zephyr.data.formats import rename
+from ray_zephyr.data.pipeline import mixture_threshold, row_hash
+from ray_zephyr.data.sources import Chunk, read_rows, resolve_source
+from ray_zephyr.data.validate import Invalid
 from ray_zephyr.errors import DataError, UserError
 
 
@@ -35,45 +39,32 @@ def prompt_turns(row: dict) -> list[dict]:
     return [{"role": t["role"], "content": t["content"]} for t in turns]
 
 
-def _file_rows(path: Path) -> Iterator[dict]:
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
+def _source_rows(source: SourceConfig, seed: int, position: int) -> Iterator[tuple[str, dict]]:
+    """Rows of one source as the data layer reads them, `weight` selecting the same rows as in training."""
+    resolved = resolve_source(source, "prompts", seed, position)
+    threshold = mixture_threshold(resolved, source.weight, seed)
 
-        yield from pq.read_table(path).to_pylist()
-    elif path.suffix == ".jsonl":
-        with path.open() as f:
-            for i, line in enumerate(f):
-                if line.strip():
-                    try:
-                        yield json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise DataError(f"prompt file {path}, row {i}: not valid JSON ({exc.msg})") from None
-    else:
-        yield from json.loads(path.read_text())
+    def mixture(chunk: Chunk):
+        return lambda rows: row_hash(seed, "mixture", chunk.key, rows) <= threshold
 
-
-def _source_rows(source: SourceConfig, seed: int) -> Iterator[tuple[str, dict]]:
-    if source.path == "embedded":
-        from ray_zephyr.embedded import preference_row
-
-        rows = source.rows if source.rows is not None else EMBEDDED_DEFAULT_ROWS[source.split]
-        for i in range(rows):
-            yield f"embedded:{source.split}[{i}]", preference_row(seed, source.split, i)
-        return
-    path = Path(source.path).expanduser()
-    if not path.exists():
-        raise UserError(f"prompt source {source.path!r}: no such file or folder")
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.name.endswith(EXTENSIONS))
-    for file in files:
-        for i, row in enumerate(_file_rows(file)):
-            yield f"{file}, row {i}", row
+    for chunk, row, value in read_rows(resolved, mixture):
+        where = f"{chunk.label}, row {row}"
+        try:
+            if isinstance(value, Invalid):
+                raise value
+            if not isinstance(value, dict):
+                raise Invalid("wrong_type", f"a row must be an object, got {type(value).__name__}")
+            value = rename(value, dict(chunk.columns))
+        except Invalid as exc:
+            raise DataError(f"prompt source {where}: {exc}") from None
+        yield where, value
 
 
 def read_prompts(sources: list[SourceConfig], seed: int) -> list[dict]:
     """`{id, messages}` per distinct prompt (the id, used as `prompt_id`, is the sha256 of the prompt turns)."""
     prompts: dict[str, dict] = {}
-    for source in sources:
-        for where, row in _source_rows(source, seed):
+    for position, source in enumerate(sources):
+        for where, row in _source_rows(source, seed, position):
             try:
                 turns = prompt_turns(row)
             except (ValueError, AttributeError, TypeError) as exc:

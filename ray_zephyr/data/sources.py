@@ -10,7 +10,10 @@ Why not `ray.data.read_parquet` / `read_json`: they give no row index within a f
 and for a seeded selection and order that do not depend on how blocks were read), `read_json` fails a whole file
 on one malformed line instead of counting it, and Arrow's schema inference rejects rows whose fields change type
 (a content that is a string in one row and a list of text parts in the next). The hub is read through
-`HfFileSystem` (fsspec), pinned to the source's `revision`.
+`HfFileSystem` (fsspec), pinned to the source's `revision`, at the `HF_ENDPOINT` set when the source is resolved
+(huggingface_hub itself reads it once, at import); hub chunks carry that endpoint, so Ray workers read the hub
+the driver listed whatever their own environment.
+Stage `prompts` reads rows as they are, with no training format (AIF prompts, benchmark questions).
 Files are opened and their format detected before any Ray work, so an empty, unreadable or unrecognized file
 is a one-line error up front.
 """
@@ -28,7 +31,7 @@ from urllib.parse import quote
 import numpy as np
 
 from ray_zephyr.config import SourceConfig
-from ray_zephyr.data.formats import check_format, detect_format
+from ray_zephyr.data.formats import FORMATS, check_format, detect_format
 from ray_zephyr.data.validate import Invalid
 from ray_zephyr.errors import DataError, UserError
 
@@ -56,6 +59,7 @@ class Chunk:
     row_offset: int = 0  # jsonl, parquet: index of the chunk's first row in its file
     stage: str = ""
     seed: int = 0  # embedded
+    endpoint: str = ""  # hub files: the hub they were listed from
 
 
 @dataclass
@@ -70,14 +74,21 @@ class ResolvedSource:
         return sum(len(r) for r in self.rows.values())
 
 
-def _hub_fs():
+def _hub_endpoint() -> str:
+    """The hub to read: `HF_ENDPOINT` as set now (huggingface_hub reads it once, at import), else its default."""
+    from huggingface_hub import constants
+
+    return os.environ.get("HF_ENDPOINT", "").rstrip("/") or constants.ENDPOINT
+
+
+def _hub_fs(endpoint: str):
     from huggingface_hub import HfFileSystem
 
-    return HfFileSystem()
+    return HfFileSystem(endpoint=endpoint)
 
 
-def _open(path: str):
-    return _hub_fs().open(path, "rb") if path.startswith("hf://") else open(path, "rb")
+def _open(path: str, endpoint: str):
+    return _hub_fs(endpoint).open(path, "rb") if path.startswith("hf://") else open(path, "rb")
 
 
 def source_chunks(source: SourceConfig, stage: str, seed: int) -> list[Chunk]:
@@ -86,8 +97,11 @@ def source_chunks(source: SourceConfig, stage: str, seed: int) -> list[Chunk]:
 
 
 def resolve_source(source: SourceConfig, stage: str, seed: int, position: int = 0) -> ResolvedSource:
-    """Resolve a recipe source (the `position`-th of its list): files, formats, row counts and chunks."""
-    if source.format != "auto":
+    """Resolve a recipe source (the `position`-th of its list): files, formats, row counts and chunks.
+
+    `stage`: sft or dpo (rows in one of the stage's formats), or prompts (rows as they are)."""
+    endpoint = ""
+    if source.format != "auto" and stage in FORMATS:
         check_format(source.format, stage, f"data source {source.path!r}")
     if source.path == "embedded":
         return _embedded(source, stage, seed, position)
@@ -98,13 +112,14 @@ def resolve_source(source: SourceConfig, stage: str, seed: int, position: int = 
         root = local if local.is_dir() else local.parent
         files = [(f, Path(f).relative_to(root).as_posix()) for f in _local_files(local, source)]
     elif "/" in source.path and not source.path.startswith((".", "/", "~")):
-        files = _hub_files(source.path, source.split, source.revision)
+        endpoint = _hub_endpoint()
+        files = _hub_files(source.path, source.split, source.revision, endpoint)
     else:
         raise UserError(f"data source {source.path!r}: no such file or folder (and not a hub dataset id 'owner/name')")
     resolved = ResolvedSource([], {})
     for path, inner in files:
         key = f"{position}:{inner}"
-        chunks, rows = _file_chunks(path, key, source, stage)
+        chunks, rows = _file_chunks(path, key, source, stage, endpoint)
         resolved.chunks += chunks
         resolved.rows[key] = rows
     return resolved
@@ -143,21 +158,30 @@ def hub_root(name: str, revision: str | None) -> str:
     return f"datasets/{name}" + (f"@{quote(revision, safe='')}" if revision else "")
 
 
-def _hub_files(name: str, split: str, revision: str | None) -> list[tuple[str, str]]:
-    """(hf:// path, path within the dataset) of the split's parquet files (the layout `datasets` writes)."""
+def _hub_files(name: str, split: str, revision: str | None, endpoint: str) -> list[tuple[str, str]]:
+    """(hf:// path, path within the dataset) of the split's parquet files: the layout `datasets` writes
+    (`<dir>/<split>-00000-of-00001.parquet`), else the hub's own parquet conversion (`refs/convert/parquet`:
+    `<config>/<split>/0000.parquet`) when no revision is pinned."""
     root = hub_root(name, revision)
     at = f" at revision {revision!r}" if revision else ""
     try:
-        fs = _hub_fs()
+        fs = _hub_fs(endpoint)
         files = sorted(fs.glob(f"{root}/**/{split}-*.parquet"))
         if not files and not revision:
-            root = f"datasets/{name}@refs%2Fconvert%2Fparquet"
-            files = sorted(fs.glob(f"{root}/*/{split}/*.parquet"))
+            converted = hub_root(name, "refs/convert/parquet")
+            try:
+                files = sorted(fs.glob(f"{converted}/*/{split}/*.parquet"))
+            except FileNotFoundError:  # never converted (a new or private dataset)
+                pass
+            root = converted if files else root
+        splits = [] if files else sorted({Path(f).name.removesuffix(".parquet").split("-")[0]
+                                          for f in fs.glob(f"{root}/**/*.parquet")})
     except Exception as exc:  # noqa: BLE001 - offline, auth, not found: all one readable line
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(f"hub dataset {name!r}{at}: cannot list its files ({first})") from None
     if not files:
-        raise UserError(f"hub dataset {name!r}{at}: no parquet files for split {split!r}")
+        found = f"its splits: {', '.join(splits)}" if splits else "it has no parquet files"
+        raise UserError(f"hub dataset {name!r}{at}: no parquet files for split {split!r} ({found})")
     return [(f"hf://{f}", f.removeprefix(root + "/")) for f in files]
 
 
@@ -165,13 +189,15 @@ def _file_kind(path: str) -> str:
     return "jsonl" if path.endswith(".jsonl") else "json" if path.endswith(".json") else "parquet"
 
 
-def _file_chunks(path: str, key: str, source: SourceConfig, stage: str) -> tuple[list[Chunk], np.ndarray]:
+def _file_chunks(path: str, key: str, source: SourceConfig, stage: str,
+                 endpoint: str) -> tuple[list[Chunk], np.ndarray]:
     """The counting pass over one file: its chunks, the index of each of its rows, its format."""
     kind = _file_kind(path)
     try:
         if not path.startswith("hf://") and os.path.getsize(path) == 0:
             raise UserError(f"data file {path} is empty")
-        spans, rows, first = {"jsonl": _jsonl_spans, "json": _json_spans, "parquet": _parquet_spans}[kind](path)
+        read_spans = {"jsonl": _jsonl_spans, "json": _json_spans, "parquet": _parquet_spans}[kind]
+        spans, rows, first = read_spans(path, endpoint)
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001 - permissions, corrupt parquet, bad encoding
@@ -180,19 +206,19 @@ def _file_chunks(path: str, key: str, source: SourceConfig, stage: str) -> tuple
         raise UserError(f"data file {path} has no rows")
     columns = dict(source.columns)
     fmt = source.format
-    if fmt == "auto":
+    if fmt == "auto" and stage in FORMATS:
         row = next((r for r in first if isinstance(r, dict)), first[0] if first else None)
         fmt = detect_format(row, stage, columns, f"data file {path}")
-    return [Chunk(kind, path, path, key, fmt, tuple(columns.items()), start, stop, offset, stage)
+    return [Chunk(kind, path, path, key, fmt, tuple(columns.items()), start, stop, offset, stage, endpoint=endpoint)
             for start, stop, offset in spans], rows
 
 
-def _jsonl_spans(path: str) -> tuple[list[tuple[int, int, int]], np.ndarray, list]:
+def _jsonl_spans(path: str, endpoint: str) -> tuple[list[tuple[int, int, int]], np.ndarray, list]:
     """Byte ranges of LINES_PER_CHUNK non-empty lines each, the line index of every non-empty line, first rows."""
     spans, rows, first = [], [], []
     start = position = 0
     chunk_first_line = 0
-    with _open(path) as f:
+    with _open(path, endpoint) as f:
         for i, line in enumerate(f):
             if line.strip():
                 if len(first) < DETECT_ROWS:
@@ -214,8 +240,8 @@ def _parse_line(line: bytes) -> Any:
         return Invalid("invalid_json", f"not valid JSON ({getattr(exc, 'msg', exc)})")
 
 
-def _load_json(path: str) -> list:
-    with _open(path) as f:
+def _load_json(path: str, endpoint: str) -> list:
+    with _open(path, endpoint) as f:
         try:
             rows = json.load(f)
         except json.JSONDecodeError as exc:
@@ -225,16 +251,16 @@ def _load_json(path: str) -> list:
     return rows
 
 
-def _json_spans(path: str) -> tuple[list[tuple[int, int, int]], np.ndarray, list]:
-    rows = _load_json(path)
+def _json_spans(path: str, endpoint: str) -> tuple[list[tuple[int, int, int]], np.ndarray, list]:
+    rows = _load_json(path, endpoint)
     return [(0, 0, 0)], np.arange(len(rows)), rows[:DETECT_ROWS]
 
 
-def _parquet_spans(path: str) -> tuple[list[tuple[int, int, int]], np.ndarray, list]:
+def _parquet_spans(path: str, endpoint: str) -> tuple[list[tuple[int, int, int]], np.ndarray, list]:
     """Row counts from the metadata: no pass over the data."""
     import pyarrow.parquet as pq
 
-    with _open(path) as f:
+    with _open(path, endpoint) as f:
         parquet = pq.ParquetFile(f)
         meta = parquet.metadata
         first = next(parquet.iter_batches(batch_size=DETECT_ROWS), None)
@@ -261,7 +287,7 @@ def read_chunk(chunk: Chunk, select: Select) -> Iterator[tuple[np.ndarray, list]
     elif chunk.kind == "parquet":
         import pyarrow.parquet as pq
 
-        with _open(chunk.path) as f:
+        with _open(chunk.path, chunk.endpoint) as f:
             index = chunk.row_offset
             batches = pq.ParquetFile(f).iter_batches(batch_size=ROWS_PER_BATCH, row_groups=range(chunk.start, chunk.stop))
             for batch in batches:
@@ -270,7 +296,7 @@ def read_chunk(chunk: Chunk, select: Select) -> Iterator[tuple[np.ndarray, list]
                 keep = select(ids)
                 yield ids[keep], batch.filter(keep).to_pylist()
     elif chunk.kind == "json":
-        rows = _load_json(chunk.path)
+        rows = _load_json(chunk.path, chunk.endpoint)
         for start in range(0, len(rows), ROWS_PER_BATCH):
             ids = np.arange(start, min(start + ROWS_PER_BATCH, len(rows)))
             ids = ids[select(ids)]
@@ -285,6 +311,16 @@ def read_chunk(chunk: Chunk, select: Select) -> Iterator[tuple[np.ndarray, list]
             yield ids, [make(chunk.seed, chunk.path, int(i)) for i in ids]
 
 
+def read_rows(resolved: ResolvedSource,
+              select: Callable[[Chunk], Select] | None = None) -> Iterator[tuple[Chunk, int, Any]]:
+    """(chunk, row index in its file, value) of every row of a resolved source that `select(chunk)` keeps, read
+    here in order: for inputs the driver holds whole (AIF prompts, benchmark questions), which need no Ray Data pass."""
+    for chunk in resolved.chunks:
+        keep = select(chunk) if select else (lambda ids: np.ones(len(ids), dtype=bool))
+        for ids, values in read_chunk(chunk, keep):
+            yield from ((chunk, int(i), value) for i, value in zip(ids, values))
+
+
 def _read_jsonl(chunk: Chunk, select: Select) -> Iterator[tuple[np.ndarray, list]]:
     def flush(ids: list[int], lines: list[bytes]):
         ids = np.asarray(ids, dtype=np.int64)
@@ -292,7 +328,7 @@ def _read_jsonl(chunk: Chunk, select: Select) -> Iterator[tuple[np.ndarray, list
         return ids[keep], [_parse_line(line) for line, k in zip(lines, keep) if k]
 
     ids, lines = [], []
-    with _open(chunk.path) as f:
+    with _open(chunk.path, chunk.endpoint) as f:
         f.seek(chunk.start)
         position, index = chunk.start, chunk.row_offset
         while position < chunk.stop:

@@ -10,6 +10,7 @@ from ray_zephyr.config import _Section, load_config
 
 class MTBenchConfig(_Section):
     questions: str = "HuggingFaceH4/mt_bench_prompts"  # hub dataset id, or a local jsonl (FastChat's question.jsonl)
+    revision: str | None = None  # hub only: a commit, tag or branch to pin the questions to
     judge_prompts: str | None = None  # a jsonl in FastChat's judge-prompt shape; default: ours (evaluation/judge_prompts.jsonl)
     max_tokens: int = Field(1024, ge=1)  # per answer turn
 

@@ -1,20 +1,22 @@
 """MT-Bench style: 80 two-turn questions, answers sampled at the original protocol's per-category temperatures,
 each turn graded 1-10 by a judge (reference-guided for math, reasoning and coding when references exist).
 
-Questions come from the hub (`HuggingFaceH4/mt_bench_prompts`: prompt, category, reference) or a local jsonl
-(FastChat's question.jsonl: question_id, category, turns, reference).
+Questions come from the hub (`HuggingFaceH4/mt_bench_prompts`: prompt, prompt_id, category, reference) or a local
+jsonl (FastChat's question.jsonl: question_id, category, turns, reference), both read by ray_zephyr.data.sources.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 from collections import Counter
 from pathlib import Path
 from statistics import mean
 
 from ray_zephyr.aif.client import ChatClient
 from ray_zephyr.aif.generate import generate
+from ray_zephyr.config import SourceConfig
+from ray_zephyr.data.sources import read_rows, resolve_source
+from ray_zephyr.data.validate import Invalid
 from ray_zephyr.evaluation.config import EvalRecipe
 from ray_zephyr.evaluation.judging import judge_messages, load_judge_prompts, parse_score
 from ray_zephyr.errors import UserError
@@ -26,34 +28,29 @@ NEED_REFERENCE = ("math", "reasoning", "coding")
 PROMPT_NAMES = ("single-v1", "single-math-v1", "single-v1-multi-turn", "single-math-v1-multi-turn")
 
 
-def _question(row: dict, where: str) -> dict:
+def _question(row: object, where: str) -> dict:
+    if isinstance(row, Invalid):  # a line that is not JSON
+        raise UserError(f"MT-Bench questions {where}: {row}")
+    if not isinstance(row, dict):
+        raise UserError(f"MT-Bench questions {where}: expected an object, got {type(row).__name__}")
     turns = row.get("turns", row.get("prompt"))
     if not isinstance(turns, list) or len(turns) != 2 or not all(isinstance(t, str) for t in turns):
-        raise UserError(f"MT-Bench questions {where}: `turns` (or `prompt`) must be a list of two strings")
+        raise UserError(f"MT-Bench questions {where}: `turns` (or `prompt`) must be a list of two strings "
+                        f"(fields: {', '.join(sorted(row)) or 'none'})")
     reference = [r for r in (row.get("reference") or []) if r]
     return {"question_id": str(row.get("question_id", row.get("prompt_id", where))),
             "category": str(row.get("category", "general")), "turns": turns, "reference": reference}
 
 
-def load_questions(source: str) -> list[dict]:
-    path = Path(source).expanduser()
-    if path.is_file():
-        lines = [(i, line) for i, line in enumerate(path.read_text().splitlines()) if line.strip()]
-        try:
-            return [_question(json.loads(line), f"{path}, row {i}") for i, line in lines]
-        except json.JSONDecodeError as exc:
-            raise UserError(f"MT-Bench questions {path}: not valid JSON lines ({exc.msg})") from None
+def load_questions(source: str, revision: str | None = None) -> list[dict]:
+    """Questions from a local file (FastChat's question.jsonl) or a hub dataset's train split at `revision`
+    (HuggingFaceH4/mt_bench_prompts is parquet: prompt, prompt_id, category, reference), read by the data layer."""
     try:
-        import datasets
-    except ImportError:
-        raise UserError(f"MT-Bench questions {source!r}: not a local file; reading them from the hub needs the "
-                        "`datasets` package (pip install datasets), or give FastChat's question.jsonl") from None
-    try:
-        rows = datasets.load_dataset(source, split="train")
-    except Exception as exc:  # noqa: BLE001 - offline, not found, auth: one readable line
-        raise UserError(f"MT-Bench questions {source!r}: not a local file, and the hub gave {type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
-    return [_question(row, f"{source}[{i}]") for i, row in enumerate(rows)]
+        resolved = resolve_source(SourceConfig(path=source, revision=revision), "prompts", 0)
+        rows = list(read_rows(resolved))
+    except UserError as exc:
+        raise UserError(f"MT-Bench questions: {exc}") from None
+    return [_question(row, f"{chunk.label}, row {i}") for chunk, i, row in rows]
 
 
 def answer_questions(questions: list[dict], recipe: EvalRecipe) -> dict[str, list[str | None]]:

@@ -27,7 +27,7 @@ def run_evaluation(recipe: EvalRecipe) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     results: dict = {}
     if recipe.mt_bench is not None:
-        questions = mt_bench.load_questions(recipe.mt_bench.questions)
+        questions = mt_bench.load_questions(recipe.mt_bench.questions, recipe.mt_bench.revision)
         answers = mt_bench.answer_questions(questions, recipe)
     if recipe.alpaca_eval is not None:
         baseline = alpaca_eval.load_baseline(recipe.alpaca_eval.baseline, recipe.alpaca_eval.limit)
