@@ -173,9 +173,8 @@ def build_tokenizer():
     return tokenizer
 
 
-def build_model(tokenizer, hidden_size: int = 64, layers: int = 2, seed: int = 0, tie_word_embeddings: bool = True):
-    """A Llama-architecture causal LM small enough to train on a laptop CPU in minutes; its LM head is tied to
-    the embeddings unless asked otherwise (Mistral's, so zephyr-7b's, is not)."""
+def build_model(tokenizer, hidden_size: int = 64, layers: int = 2, seed: int = 0):
+    """A Llama-architecture causal LM small enough to train on a laptop CPU in minutes."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -187,7 +186,7 @@ def build_model(tokenizer, hidden_size: int = 64, layers: int = 2, seed: int = 0
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=2048,
-        tie_word_embeddings=tie_word_embeddings,
+        tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -196,15 +195,14 @@ def build_model(tokenizer, hidden_size: int = 64, layers: int = 2, seed: int = 0
     return LlamaForCausalLM(config)
 
 
-def save_embedded_model(folder: str | Path, hidden_size: int = 64, layers: int = 2,
-                        tie_word_embeddings: bool = True) -> Path:
+def save_embedded_model(folder: str | Path, hidden_size: int = 64, layers: int = 2) -> Path:
     """Write the tiny model + tokenizer as a Hugging Face folder (idempotent); returns the folder."""
     folder = Path(folder)
     if (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
-    model = build_model(tokenizer, hidden_size=hidden_size, layers=layers, tie_word_embeddings=tie_word_embeddings)
+    model = build_model(tokenizer, hidden_size=hidden_size, layers=layers)
     tmp = folder.with_name(folder.name + f".tmp{random.randrange(1 << 30)}")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)

@@ -42,11 +42,24 @@ def embedded_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def untied_model_dir(tmp_path_factory) -> Path:
-    """The tiny Llama with an LM head of its own, not tied to the embeddings, as Mistral's (zephyr-7b's) is."""
-    from ray_zephyr.embedded import save_embedded_model
+def mistral_model_dir(tmp_path_factory) -> Path:
+    """A tiny Mistral, zephyr-7b's architecture: an LM head of its own (not tied to the embeddings) and a sliding
+    attention window, here 16 tokens so that the test rows exceed it; with the embedded model's tokenizer."""
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
 
-    return save_embedded_model(tmp_path_factory.mktemp("models") / "tiny-untied", tie_word_embeddings=False)
+    from ray_zephyr.embedded import build_tokenizer
+
+    folder = tmp_path_factory.mktemp("models") / "tiny-mistral"
+    tokenizer = build_tokenizer()
+    config = MistralConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                           sliding_window=16, tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
+                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    MistralForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
 
 
 @pytest.fixture(scope="session")

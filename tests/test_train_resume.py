@@ -1,5 +1,5 @@
 """What a user relies on when a run is interrupted or laid out differently (2 CPU workers, ZeRO-3, fp32; slow: ~3 min;
-the tiny model with an LM head of its own, untied from the embeddings, as zephyr-7b's Mistral has):
+a tiny Mistral, zephyr-7b's architecture: an LM head of its own, untied from the embeddings, a sliding window):
 
 (a) a run whose worker is killed mid-run resumes from its checkpoint and ends with exactly the weights of the
     same run uninterrupted, each sample trained exactly once per epoch;
@@ -44,14 +44,14 @@ def _weights(result) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def runs(ray_session, tmp_path_factory, untied_model_dir):
+def runs(ray_session, tmp_path_factory, mistral_model_dir):
     tmp_path = tmp_path_factory.mktemp("runs")
-    plain = _run(tmp_path, untied_model_dir, "plain")
+    plain = _run(tmp_path, mistral_model_dir, "plain")
     # the same global batch 16 = 8 x 1 x 2, cut by a token budget of 100 into ~6 micro-batches per step (~450 tokens)
-    one_worker = _run(tmp_path, untied_model_dir, "one", "train.num_workers=1", "train.micro_batch_tokens=100")
+    one_worker = _run(tmp_path, mistral_model_dir, "one", "train.num_workers=1", "train.micro_batch_tokens=100")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(FAULT_ENV, "after_step:6")  # after the step-4 checkpoint
-        faulted = _run(tmp_path, untied_model_dir, "faulted")
+        faulted = _run(tmp_path, mistral_model_dir, "faulted")
     return tmp_path, plain, one_worker, faulted
 
 
@@ -126,10 +126,10 @@ def test_saved_model_equals_deepspeed_consolidation_of_the_last_checkpoint(runs)
             assert torch.equal(saved[name], tensor), name
 
 
-def test_rerun_with_another_recipe_is_refused_and_fresh_start_deletes(runs, untied_model_dir):
+def test_rerun_with_another_recipe_is_refused_and_fresh_start_deletes(runs, mistral_model_dir):
     tmp_path, plain, *_ = runs
     with pytest.raises(UserError, match=r"has checkpoints of a different run \(train.lr: 0.003 -> 0.001\)"):
-        _run(tmp_path, untied_model_dir, "plain", "train.lr=1e-3")
+        _run(tmp_path, mistral_model_dir, "plain", "train.lr=1e-3")
     recipe = load_recipe("tiny-sft", [*RECIPE, f"train.output_dir={tmp_path / 'plain'}"])
     run_dir = f"{storage_path(recipe)}/{checkpoint.run_name(str(tmp_path / 'plain'))}"
     assert Path(run_dir, "step_00000008", checkpoint.FINGERPRINT_FILE).is_file()

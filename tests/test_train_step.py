@@ -137,12 +137,13 @@ def test_a_step_over_any_number_of_micro_batches_takes_one_optimizer_step(embedd
             assert runs["budgeted"][step][metric] == pytest.approx(runs["configured"][step][metric], rel=1e-5), metric
 
 
-def test_an_untied_head_under_zero3_gets_its_gradient(untied_model_dir):
+def test_mistral_untied_head_under_zero3_gets_its_gradient(mistral_model_dir):
     """Zephyr's Mistral has an LM head of its own, not tied to the embeddings. The chunked scorer reads the head's
     weight directly, so under ZeRO-3 it must gather that partitioned weight itself, and keep it gathered until
-    autograd has accumulated its gradient (the first backward crashed before). The step's loss and grad norm
-    equal plain PyTorch's (full-vocabulary cross-entropy, no DeepSpeed), which they would not if the head's
-    gradient were lost. Several workers: tests/test_train_resume.py runs this model."""
+    autograd has accumulated its gradient (the first backward crashed before). The step (ZeRO-3, packed rows,
+    rows longer than the sliding window) gives plain PyTorch's loss and grad norm (a padded batch, full-vocabulary
+    cross-entropy, no DeepSpeed), which it would not if the head's gradient were lost or packing broke the
+    window. Several workers: tests/test_train_resume.py runs this model."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -151,19 +152,20 @@ def test_an_untied_head_under_zero3_gets_its_gradient(untied_model_dir):
 
     init_single_process()
     recipe = load_recipe("tiny-sft", ["train.num_workers=1", "train.global_batch_size=4", "train.per_device_batch_size=4",
-                                      f"model.name_or_path={untied_model_dir}", "train.warmup_ratio=0"])
+                                      f"model.name_or_path={mistral_model_dir}", "train.warmup_ratio=0"])
     tokenizer = load_tokenizer(recipe)
     rows = tokenize_sft(tokenizer, [{"messages": chat_row(0, "train", i)["messages"]} for i in range(4)],
                         recipe.data.max_length, "keep_start", False)
+    assert recipe.train.packing and max(len(r["input_ids"]) for r in rows) > 16  # the sliding window
     objective = make_objective(recipe, tokenizer.pad_token_id)
     batch = objective.collate({k: np.array([np.array(r[k]) for r in rows], dtype=object) for k in rows[0]})
-    engine = build_engine(recipe, str(untied_model_dir), total_steps=1)
+    engine = build_engine(recipe, str(mistral_model_dir), total_steps=1)
     lm = engine.module.lm
     assert hasattr(lm.lm_head.weight, "ds_status")  # partitioned, and not the embeddings' weight
     assert lm.lm_head.weight.ds_id != lm.model.embed_tokens.weight.ds_id
     metrics = train_step(engine, objective, [batch])
 
-    plain = AutoModelForCausalLM.from_pretrained(untied_model_dir)
+    plain = AutoModelForCausalLM.from_pretrained(mistral_model_dir)
     assert not plain.config.tie_word_embeddings
     longest = max(len(r["input_ids"]) for r in rows)
     pad = [longest - len(r["input_ids"]) for r in rows]
