@@ -140,6 +140,12 @@ def test_recipe_errors_are_one_line():
         load_aif_recipe("tiny-aif", ["judge.functon=x"])
     with pytest.raises(UserError, match="engine openai needs an endpoint"):
         load_aif_recipe("tiny-aif", ["generators.0.engine=openai"])
+    with pytest.raises(UserError, match="engine vllm on CPU .num_gpus 0. needs a vLLM CPU build and vllm_engine_args"):
+        load_aif_recipe("tiny-aif", ["generators.0.engine=vllm"])
+    with pytest.raises(UserError, match="ask for 2 GPUs .* but num_gpus is 1.0: set num_gpus: 2"):
+        load_aif_recipe("ultrafeedback-gpt4", ["generators.0.vllm_engine_args={tensor_parallel_size: 2}"])
+    with pytest.raises(UserError, match="vllm_engine_args are for engine vllm, not transformers"):
+        load_aif_recipe("tiny-aif", ["generators.0.vllm_engine_args={enforce_eager: true}"])
     assert load_aif_recipe("tiny-aif").judge.function == "ray_zephyr.embedded:verify"
     assert load_aif_recipe("ultrafeedback-gpt4").binarize == "argilla"
 

@@ -90,6 +90,7 @@ def test_settings_defaults_suit_a_7b_model_on_one_gpu_per_replica():
     {"min_replicas": 3, "max_replicas": 2},
     {"target_ongoing_requests": 100, "max_ongoing_requests": 10},
     {"engine": "vllm", "num_gpus": 0},  # on CPU vLLM needs kv_cache_memory_bytes
+    {"engine": "vllm", "num_gpus": 1, "vllm_engine_args": {"tensor_parallel_size": 2}},  # 2 ranks on 1 GPU
     {"engine": "tgi"},
     {"max_replicas": "many"},
     {"replicas": 2},

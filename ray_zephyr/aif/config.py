@@ -13,7 +13,7 @@ from pydantic import Field, model_validator
 
 from ray_zephyr.config import RECIPES_DIR, SourceConfig, _Section, load_config
 from ray_zephyr.errors import UserError
-
+from ray_zephyr.serving.settings import ServeSettings, vllm_resources_problem
 
 
 class EndpointConfig(_Section):
@@ -41,8 +41,8 @@ class GeneratorConfig(_Section):
     max_tokens: int = Field(256, ge=1)
     batch_size: int = Field(16, ge=1)  # prompts per Ray Data batch
     concurrency: int = Field(1, ge=1)  # engine replicas (Ray Data actors)
-    num_gpus: float = Field(0, ge=0)  # per replica (vllm needs > 0)
-    engine_kwargs: dict = {}  # vllm only: extra vLLM engine arguments
+    num_gpus: float = Field(0, ge=0)  # per replica
+    vllm_engine_args: dict = {}  # vllm only: extra vLLM engine arguments, as in the Serve settings
 
     @model_validator(mode="after")
     def _check(self) -> GeneratorConfig:
@@ -52,9 +52,16 @@ class GeneratorConfig(_Section):
             raise ValueError(f"generator {self.name!r}: engine function needs function: 'module:function'")
         if self.engine in ("transformers", "vllm") and self.model is None:
             raise ValueError(f"generator {self.name!r}: engine {self.engine} needs a model")
-        if self.engine == "vllm" and self.num_gpus == 0:
-            raise ValueError(f"generator {self.name!r}: engine vllm needs num_gpus > 0; use transformers on CPU")
+        if self.engine == "vllm" and (problem := vllm_resources_problem(self.num_gpus, self.vllm_engine_args)):
+            raise ValueError(f"generator {self.name!r}: {problem}")
+        if self.vllm_engine_args and self.engine != "vllm":
+            raise ValueError(f"generator {self.name!r}: vllm_engine_args are for engine vllm, not {self.engine}")
         return self
+
+    def serve_settings(self) -> ServeSettings:
+        """The settings our serving stack loads this generator's engine with (transformers or vllm)."""
+        return ServeSettings(model=self.model, model_name=self.name, engine=self.engine, num_gpus=self.num_gpus,
+                             max_n=self.n, vllm_engine_args=self.vllm_engine_args)
 
 
 class JudgeConfig(_Section):

@@ -1,10 +1,17 @@
 """K completions per prompt from one model, as a Ray Data batch-inference pass.
 
-Four back ends, one output: on CPU the project's own serving stack in-process (`load_engine` +
-`ChatService`, so prompts are rendered and limited exactly as the served model renders them); on GPU
-vLLM through `ray.data.llm` (imported only then); any OpenAI-compatible endpoint through `ChatClient` (a
-paid API, or our Ray Serve app); or a Python function (a task's own teacher). Rows are
-`{id, messages, temperature?}`; the result maps each id to its completions `{generator, text, finish_reason, tokens}`.
+Four back ends, one output: a model folder through the project's own serving stack in-process
+(`load_engine` + `ChatService`, so prompts are rendered and limited exactly as the served model renders
+them), with the transformers engine or vLLM (on GPU, or on CPU with vLLM's CPU build); any OpenAI-compatible
+endpoint through `ChatClient` (a paid API, or our Ray Serve app); or a Python function (a task's own
+teacher). Rows are `{id, messages, temperature?}`; the result maps each id to its completions
+`{generator, text, finish_reason, tokens}`.
+
+vLLM runs in our engine actor rather than `ray.data.llm`'s vLLM processor (Ray 2.60), which fits less well
+here: it returns one sample per request (`outputs[0]`), so n completions would be n requests with their
+prompts prefilled n times; it gives no finish reason, so completions cut at max_tokens could not be told
+from finished ones; and its chat template stage is not the served model's rendering and prompt-length
+check, where ours turns a too-long prompt into one counted drop instead of a failed pass.
 """
 
 from __future__ import annotations
@@ -25,13 +32,15 @@ def row_seed(seed: int, row_id: str, generator: str) -> int:
 
 
 class _Completions:
-    """Ray Data UDF: a batch of rows -> one output row per input row with its completions (JSON)."""
+    """Ray Data UDF: a batch of rows -> one output row per input row with its completions (JSON). One event
+    loop per actor, for all its batches: an engine's background tasks (vLLM's output handler) live on it."""
 
     def __init__(self, spec: GeneratorConfig):
         self.spec = spec
+        self.loop = asyncio.new_event_loop()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        results = asyncio.run(self._batch(batch))
+        results = self.loop.run_until_complete(self._batch(batch))
         return {"id": batch["id"], "completions": np.array([json.dumps(r) for r in results], dtype=object)}
 
     async def _batch(self, batch: dict[str, np.ndarray]) -> list[list[dict]]:
@@ -43,16 +52,16 @@ class _Completions:
 
 
 class EngineCompletions(_Completions):
-    """Our serving stack without HTTP: the same template rendering, limits and engine as `serve/app.py`."""
+    """Our serving stack without HTTP: the same template rendering, limits and engine (transformers or vLLM)
+    as `serve/app.py`. A batch's prompts are submitted at once, so either engine decodes them together."""
 
     def __init__(self, spec: GeneratorConfig):
         from ray_zephyr.serving.engine import load_engine
         from ray_zephyr.serving.service import ChatService
-        from ray_zephyr.serving.settings import ServeSettings
 
         super().__init__(spec)
-        settings = ServeSettings(model=spec.model, engine="transformers", num_gpus=0, max_n=spec.n)
-        self.service = ChatService(load_engine(settings), spec.name, spec.n)
+        asyncio.set_event_loop(self.loop)  # an engine built here binds to the loop its batches run on
+        self.service = ChatService(load_engine(spec.serve_settings()), spec.name, spec.n)
 
     async def _one(self, messages: list[dict], temperature: float, seed: int) -> list[dict]:
         from ray_zephyr.serving.protocol import ChatRequest, OpenAIError
@@ -61,12 +70,11 @@ class EngineCompletions(_Completions):
             "model": self.spec.name, "messages": messages, "n": self.spec.n, "temperature": temperature,
             "top_p": self.spec.top_p, "max_tokens": self.spec.max_tokens, "seed": seed})
         try:
-            done = await self.service.complete(self.service.prepare(request))
+            answers = await self.service.answers(self.service.prepare(request))
         except OpenAIError as exc:  # e.g. a prompt longer than the model's context: counted, not fatal
             return [{"generator": self.spec.name, "text": None, "error": exc.error.code or "invalid_request"}]
-        tokens = done.usage.completion_tokens // max(1, len(done.choices))
-        return [{"generator": self.spec.name, "text": c.message.content, "finish_reason": c.finish_reason,
-                 "tokens": tokens} for c in done.choices]
+        return [{"generator": self.spec.name, "text": a.text, "finish_reason": a.finish_reason, "tokens": a.tokens}
+                for a in answers]
 
 
 class EndpointCompletions(_Completions):
@@ -102,36 +110,15 @@ class FunctionCompletions(_Completions):
         return [{"generator": self.spec.name, "text": text} for text in self.function(messages, self.spec.n, seed)]
 
 
-def _vllm_pass(ds: ray.data.Dataset, spec: GeneratorConfig) -> ray.data.Dataset:
-    """vLLM via ray.data.llm (GPU only; not exercised by the CPU test suite). One row per sample."""
-    from ray.data.llm import build_llm_processor, vLLMEngineProcessorConfig
-
-    from ray_zephyr.embedded import resolve_model_path
-
-    config = vLLMEngineProcessorConfig(model_source=resolve_model_path(spec.model), engine_kwargs=spec.engine_kwargs,
-                                       concurrency=spec.concurrency, batch_size=spec.batch_size)
-    samples = ds.flat_map(lambda row: [{**row, "seed": row["seed"] + k} for k in range(spec.n)])
-    processor = build_llm_processor(
-        config,
-        preprocess=lambda row: {"id": row["id"], "messages": json.loads(row["messages"]), "sampling_params": {
-            "temperature": row["temperature"], "top_p": spec.top_p, "max_tokens": spec.max_tokens, "seed": row["seed"]}},
-        postprocess=lambda row: {"id": row["id"], "completions": json.dumps([{
-            "generator": spec.name, "text": row["generated_text"], "tokens": int(row.get("num_generated_tokens", 0))}])},
-    )
-    return processor(samples)
-
-
 def generate(rows: list[dict], spec: GeneratorConfig, seed: int) -> dict[str, list[dict]]:
     """Completions of `spec` for each row id (rows: {id, messages, temperature?})."""
     items = [{"id": str(r["id"]), "messages": json.dumps(r["messages"]), "seed": row_seed(seed, str(r["id"]), spec.name),
               "temperature": float(r.get("temperature", spec.temperature))} for r in rows]
-    ds = ray.data.from_items(items)
-    if spec.engine == "vllm":
-        out = _vllm_pass(ds, spec)
-    else:
-        udf = {"transformers": EngineCompletions, "openai": EndpointCompletions, "function": FunctionCompletions}[spec.engine]
-        out = ds.map_batches(udf, fn_constructor_kwargs={"spec": spec}, batch_size=spec.batch_size,
-                             concurrency=spec.concurrency, num_gpus=spec.num_gpus, batch_format="numpy")
+    udf = {"transformers": EngineCompletions, "vllm": EngineCompletions, "openai": EndpointCompletions,
+           "function": FunctionCompletions}[spec.engine]
+    out = ray.data.from_items(items).map_batches(
+        udf, fn_constructor_kwargs={"spec": spec}, batch_size=spec.batch_size, concurrency=spec.concurrency,
+        num_gpus=spec.num_gpus, batch_format="numpy")
     completions: dict[str, list[dict]] = defaultdict(list)
     for row in out.iter_rows():
         completions[row["id"]] += json.loads(row["completions"])

