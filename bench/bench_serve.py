@@ -13,7 +13,8 @@ speed-up (target >= 3) and the Serve / in-process throughput ratio (target >= 0.
 `--engine vllm` measures the Serve / in-process ratio for vLLM instead (no unbatched side): run it with
 vLLM's CPU build (the `.venv-vllm` that `.ci/vllm-check` builds) and a model of head_dim 64 (`--hidden-size
 256`). vLLM decodes in an engine-core process of its own, so Serve's per-request work does not share the
-decoding loop's GIL, as it does with the transformers engine.
+decoding loop's GIL, as it does with the transformers engine (on 2 cores the ratio is the same:
+docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -152,12 +153,16 @@ def main() -> None:
     unbatched = None if args.engine == "vllm" else ChatService(
         load_engine(settings.model_copy(update={"max_batch_rows": 1})), MODEL_NAME, settings.max_n)
     runs = {"unbatched": [], "in-process": [], "ray-serve": []} if unbatched else {"in-process": [], "ray-serve": []}
-    try:
+
+    async def alternate() -> None:  # one event loop for every round: vLLM's output handler lives on the first one
         for _ in range(args.rounds):
             if unbatched:
-                runs["unbatched"].append(asyncio.run(in_process(unbatched, requests, warmup, args.concurrency)))
-            runs["in-process"].append(asyncio.run(in_process(service, requests, warmup, args.concurrency)))
-            runs["ray-serve"].append(asyncio.run(through_serve(url, requests, warmup, args.concurrency)))
+                runs["unbatched"].append(await in_process(unbatched, requests, warmup, args.concurrency))
+            runs["in-process"].append(await in_process(service, requests, warmup, args.concurrency))
+            runs["ray-serve"].append(await through_serve(url, requests, warmup, args.concurrency))
+
+    try:
+        asyncio.run(alternate())
     finally:
         serve.shutdown()
     figures = {
