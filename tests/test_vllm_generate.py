@@ -9,6 +9,7 @@ drop instead of failing the pass, and seeded samples that a rerun reproduces.
 from __future__ import annotations
 
 import json
+import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -56,4 +57,22 @@ def test_aif_job_generates_with_vllm_on_cpu(ray_session, vllm_model_dir, tmp_pat
     # A rerun (a fresh engine in a fresh actor) draws the same seeded samples, so the same pairs.
     run_aif(recipe)
     assert pq.read_table(tmp_path / "aif" / "pairs.parquet").to_pylist() == table
+
+    # Each pass's engine is shut down with it: no vLLM process outlives the passes (on a GPU it would hold
+    # device memory that the next generator's engine needs).
+    deadline = time.monotonic() + 60
+    while (left := _vllm_processes()) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not left
+
+
+def _vllm_processes() -> list[str]:
+    import psutil
+
+    names = []
+    for process in psutil.process_iter(["cmdline"]):
+        command = " ".join(process.info["cmdline"] or [])
+        if command.startswith("VLLM::"):  # vLLM titles its engine-core and worker processes so
+            names.append(command)
+    return names
 
