@@ -55,10 +55,6 @@ class ChatDeployment:
     async def check_health(self) -> None:
         await self.engine.check_health()
 
-    def __del__(self) -> None:  # Serve calls it when it stops a replica gracefully (downscaling, redeploying)
-        if hasattr(self, "engine"):
-            self.engine.shutdown()
-
 
 def build_app(settings: ServeSettings) -> Application:
     """Serve's application builder: `settings` come from the config file's `args` or `serve run` flags."""

@@ -58,8 +58,9 @@ def test_aif_job_generates_with_vllm_on_cpu(ray_session, vllm_model_dir, tmp_pat
     run_aif(recipe)
     assert pq.read_table(tmp_path / "aif" / "pairs.parquet").to_pylist() == table
 
-    # Each pass's engine is shut down with it: no vLLM process outlives the passes (on a GPU it would hold
-    # device memory that the next generator's engine needs).
+    # No vLLM process outlives its pass (on a GPU it would hold device memory that the next generator's engine
+    # needs): Ray Data ends the actors without calling their UDF's __del__, and vLLM's engine core exits with
+    # its parent process.
     deadline = time.monotonic() + 60
     while (left := _vllm_processes()) and time.monotonic() < deadline:
         time.sleep(1)

@@ -63,10 +63,6 @@ class EngineCompletions(_Completions):
         asyncio.set_event_loop(self.loop)  # an engine built here binds to the loop its batches run on
         self.service = ChatService(load_engine(spec.serve_settings()), spec.name, spec.n)
 
-    def __del__(self) -> None:  # Ray Data deletes the UDF as the pass ends: the GPU is free for the next generator
-        if hasattr(self, "service"):
-            self.service.engine.shutdown()
-
     async def _one(self, messages: list[dict], temperature: float, seed: int) -> list[dict]:
         from ray_zephyr.serving.protocol import ChatRequest, OpenAIError
 

@@ -59,11 +59,6 @@ class Engine(Protocol):
         """Raise if the engine can no longer serve (Serve then replaces the replica)."""
         ...
 
-    def shutdown(self) -> None:
-        """Release the engine's processes and threads now (a replica or a Ray Data actor is going away), so that
-        its device memory is free for whatever starts next rather than when an orphaned process notices."""
-        ...
-
 
 def load_engine(settings: ServeSettings) -> Engine:
     """Build the configured engine; vLLM is imported only when asked for (an optional extra). The folder holds a

@@ -166,6 +166,3 @@ class TransformersEngine:
     async def check_health(self) -> None:
         if self._failure is not None:
             raise RuntimeError(f"the decoding loop failed: {self._failure!r}")
-
-    def shutdown(self) -> None:
-        self._worker.shutdown(wait=False, cancel_futures=True)

@@ -89,6 +89,3 @@ class VLLMEngine:
 
     async def check_health(self) -> None:
         await self.engine.check_health()
-
-    def shutdown(self) -> None:
-        self.engine.shutdown()  # stops vLLM's engine-core process (and its workers)
