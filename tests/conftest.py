@@ -23,6 +23,13 @@ def ray_session():
     ray.shutdown()
 
 
+@pytest.fixture
+def joined_env(ray_session) -> dict[str, str]:
+    """The environment for a job run as a subprocess that joins the session's Ray (RAY_ADDRESS, as `ray job
+    submit` sets it) instead of starting one of its own: ~9 s less per job on 2 cores."""
+    return dict(os.environ, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """../shared/data: mandatory in CI (CI=true), skipped with a clear message elsewhere when absent."""

@@ -150,13 +150,13 @@ def test_fail_mode_names_file_row_and_reason(ray_session, tmp_path, row, reason)
     assert str(err).startswith(f"{file} row 1: {reason}: ")
 
 
-def test_fail_mode_from_the_command_line_is_one_line(tmp_path):
+def test_fail_mode_from_the_command_line_is_one_line(tmp_path, joined_env):
     rows, _ = bad_preference_rows()
     file = write_jsonl(tmp_path / "prefs.jsonl", [rows[0], rows[7]])
     result = subprocess.run(
         [sys.executable, "jobs/preview.py", "--config", "tiny-dpo", "model.name_or_path=embedded",
          f"data.train.0.path={file}", "data.train.0.rows=null", "data.eval=[]", "data.on_bad_row=fail"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        cwd=ROOT, env=joined_env, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 2
     problems = [line for line in result.stderr.splitlines() if "Traceback" in line or line.startswith("error")]
@@ -211,34 +211,6 @@ def test_parquet_is_read_in_row_group_chunks_with_file_row_indices(ray_session, 
     assert sorted(x["row"] for x in got) == list(range(100))
 
 
-def test_two_train_workers_stream_disjoint_shards_without_deadlock(ray_session, tmp_path):
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    r = recipe("sft", "data.train.0.rows=600", "data.eval=[]")
-    data = build_datasets(r, load_tokenizer(r))
-    out = tmp_path / "seen"
-    out.mkdir()
-
-    def loop(config):
-        import ray.train
-
-        shard = ray.train.get_dataset_shard("train")
-        seen = []
-        batches = shard.iter_batches(batch_size=16, batch_format="numpy")
-        for batch in iter_with_stall_timeout(batches, 120, "train shard"):
-            seen += [[str(s), int(i)] for s, i in zip(batch["source"], batch["row"])]
-        rank = ray.train.get_context().get_world_rank()
-        (Path(config["out"]) / f"{rank}.json").write_text(json.dumps(seen))
-
-    TorchTrainer(loop, train_loop_config={"out": str(out)}, scaling_config=ScalingConfig(num_workers=2),
-                 datasets=data.as_dict(), run_config=RunConfig(storage_path=str(tmp_path / "ray"))).fit()
-    shards = [set(map(tuple, json.loads((out / f"{rank}.json").read_text()))) for rank in (0, 1)]
-    assert shards[0] and shards[1] and not shards[0] & shards[1]
-    assert shards[0] | shards[1] == {("embedded:train", i) for i in range(600)}
-    assert data.report().read("train") == 600
-
-
 def test_a_stalled_pipeline_raises_instead_of_hanging(ray_session):
     import ray
 
@@ -250,11 +222,11 @@ def test_a_stalled_pipeline_raises_instead_of_hanging(ray_session):
     assert time.monotonic() - start < 60
 
 
-def test_preview_shows_counts_lengths_and_a_marked_example():
+def test_preview_shows_counts_lengths_and_a_marked_example(joined_env):
     result = subprocess.run(
         [sys.executable, "jobs/preview.py", "--config", "tiny-dpo", "model.name_or_path=embedded",
          "data.train.0.rows=300", "data.eval.0.rows=50"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        cwd=ROOT, env=joined_env, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout

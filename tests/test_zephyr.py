@@ -1,5 +1,9 @@
 """`python jobs/zephyr.py`, the README's main command, as a user runs it: dSFT -> AIF -> dDPO -> evaluation -> chats
-with the served model -> summary, on fewer rows than the default so it stays around 3 minutes (slow)."""
+with the served model -> summary, on fewer rows than the default so it stays around 3 minutes (slow).
+
+Its two training stages are also the suite's SFT -> DPO run through Ray Train (2 CPU workers, DeepSpeed ZeRO-3,
+the tiny recipes): what they log and write, and that DPO starts from the SFT model and moves away from it, is
+checked here on the same run rather than on a second one."""
 
 from __future__ import annotations
 
@@ -9,7 +13,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 pytestmark = pytest.mark.slow
 
@@ -25,8 +32,22 @@ def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("zephyr")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray, as on a laptop
     done = subprocess.run([sys.executable, "jobs/zephyr.py", "--out", str(out), *SMALLER], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=800)  # ~230 s here, ~350 s on the slowest CI machine seen
     return out, done
+
+
+def _records(path: Path, split: str) -> list[dict]:
+    return [r for r in map(json.loads, path.read_text().splitlines()) if r["split"] == split]
+
+
+def _generates(model_dir: Path) -> str:
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2 plus 3?"}], add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=True)
+    out = model.generate(**prompt, max_new_tokens=8, do_sample=False)
+    assert out.shape[1] > prompt["input_ids"].shape[1]
+    return tokenizer.decode(out[0, prompt["input_ids"].shape[1]:])
 
 
 def test_exits_cleanly_with_a_summary_table(run):
@@ -71,3 +92,35 @@ def test_served_chat_answers_are_printed(run):
     assert users == ["  user: What is 3 plus 4?", "  user: Sort 8 1 5.", "  user: Spell tiger backwards."]
     assert len(answers) == 3 and all(answers)  # the tiny model's text, or a note that it answered nothing
     assert "ServeReplica:zephyr-chat:ChatDeployment" in (out / "zephyr.log").read_text()  # a Ray Serve replica answered
+
+
+def test_sft_stage_logs_evaluates_and_writes_a_model(run):
+    out, _ = run
+    train = _records(out / "sft" / "metrics.jsonl", "train")
+    assert [r["step"] for r in train] == list(range(5, 51, 5))  # 800 rows / 16 per step, logged every 5
+    assert train[-1]["loss"] < train[0]["loss"] - 0.5
+    for name in ("loss", "entropy", "mean_token_accuracy", "lr", "grad_norm", "tokens/s", "samples/s", "num_tokens"):
+        assert all(name in r for r in train), name
+    evals = _records(out / "sft" / "metrics.jsonl", "eval")
+    assert [r["step"] for r in evals] == [25, 50] and evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+    model_dir = out / "sft" / "model"
+    assert (model_dir / "model.safetensors").is_file() and (model_dir / "generation_config.json").is_file()
+    assert "<|assistant|>" in AutoTokenizer.from_pretrained(model_dir).chat_template
+    _generates(model_dir)
+
+
+def test_dpo_stage_trains_on_precomputed_reference_logps_and_moves_the_policy(run):
+    out, _ = run
+    rows = pa.ipc.open_file(pa.memory_map(str(out / "dpo" / "data" / "train" / "rows.arrow"))).read_all()
+    assert {"ref_chosen_logps", "ref_rejected_logps"} <= set(rows.column_names)  # the reference pass ran before training
+    train = _records(out / "dpo" / "metrics.jsonl", "train")
+    assert train[-1]["loss"] < train[0]["loss"]
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                 "logps/rejected", "lr", "grad_norm", "tokens/s", "samples/s"):
+        assert all(name in r for r in train), name
+    final_eval = _records(out / "dpo" / "metrics.jsonl", "eval")[-1]
+    assert final_eval["eval_rewards/accuracies"] > 0.6 and final_eval["eval_rewards/margins"] > 0
+    _generates(out / "dpo" / "model")
+    before = AutoModelForCausalLM.from_pretrained(out / "sft" / "model").state_dict()
+    after = AutoModelForCausalLM.from_pretrained(out / "dpo" / "model").state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
