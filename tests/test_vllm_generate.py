@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ray_zephyr.aif.config import AIFRecipe
-from tests.test_vllm_serve import vllm_model_dir  # noqa: F401 (a fixture; this import skips without vLLM)
+from tests.test_vllm_serve import ENGINE_ARGS, vllm_model_dir  # noqa: F401 (a fixture; this import skips without vLLM)
 
 pytestmark = pytest.mark.vllm
 MAX_MODEL_LEN = 256
@@ -33,7 +33,7 @@ def test_aif_job_generates_with_vllm_on_cpu(ray_session, vllm_model_dir, tmp_pat
             {"name": "vllm", "engine": "vllm", "model": str(vllm_model_dir), "n": 3, "max_tokens": MAX_TOKENS,
              "temperature": 1.0, "batch_size": 4, "num_gpus": 0,
              "vllm_engine_args": {"kv_cache_memory_bytes": 128 << 20, "max_model_len": MAX_MODEL_LEN,
-                                  "enforce_eager": True}},
+                                  **ENGINE_ARGS}},
             {"name": "teacher", "engine": "function", "function": "ray_zephyr.embedded:teacher", "n": 1},
         ],
         "judge": {"kind": "programmatic", "function": "ray_zephyr.embedded:verify"},
