@@ -30,6 +30,7 @@ import psutil
 import pytest
 
 from ray_zephyr import storage
+from ray_zephyr.runtime import TRAIN_POLL_ENV
 
 pytestmark = pytest.mark.slow
 
@@ -87,6 +88,7 @@ def cluster(s3_server):
     gcs, dashboard, client = _free_ports(3)
     env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), **s3_server,
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    env[TRAIN_POLL_ENV] = "0.25"  # Ray Train's poll of its workers, as on a local Ray (ray_zephyr.runtime)
     env.pop("RAY_ADDRESS", None)
     nodes = []
     try:

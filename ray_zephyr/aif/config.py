@@ -40,7 +40,7 @@ class GeneratorConfig(_Section):
     top_p: float = Field(1.0, gt=0, le=1)
     max_tokens: int = Field(256, ge=1)
     batch_size: int = Field(16, ge=1)  # prompts per Ray Data batch
-    concurrency: int = Field(1, ge=1)  # engine replicas (Ray Data actors)
+    concurrency: int = Field(1, ge=1)  # engine replicas (Ray Data actors); tasks at once for an endpoint or a function
     num_gpus: float = Field(0, ge=0)  # per replica
     vllm_engine_args: dict = {}  # vllm only: extra vLLM engine arguments, as in the Serve settings
 

@@ -32,16 +32,19 @@ def row_seed(seed: int, row_id: str, generator: str) -> int:
 
 
 class _Completions:
-    """Ray Data UDF: a batch of rows -> one output row per input row with its completions (JSON). One event
-    loop per actor, for all its batches: an engine's background tasks (vLLM's output handler) live on it."""
+    """Ray Data UDF: a batch of rows -> one output row per input row with its completions (JSON). Generators
+    that load nothing (an endpoint, a function) are stateless and run as Ray Data tasks, in worker processes
+    that stay warm between passes; an engine loads a model and runs in an actor (`EngineCompletions`)."""
 
     def __init__(self, spec: GeneratorConfig):
         self.spec = spec
-        self.loop = asyncio.new_event_loop()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        results = self.loop.run_until_complete(self._batch(batch))
+        results = self._run(self._batch(batch))
         return {"id": batch["id"], "completions": np.array([json.dumps(r) for r in results], dtype=object)}
+
+    def _run(self, batch_coroutine):
+        return asyncio.run(batch_coroutine)
 
     async def _batch(self, batch: dict[str, np.ndarray]) -> list[list[dict]]:
         return await asyncio.gather(*(self._one(json.loads(m), float(t), int(s)) for m, t, s in
@@ -53,15 +56,20 @@ class _Completions:
 
 class EngineCompletions(_Completions):
     """Our serving stack without HTTP: the same template rendering, limits and engine (transformers or vLLM)
-    as `serve/app.py`. A batch's prompts are submitted at once, so either engine decodes them together."""
+    as `serve/app.py`. A batch's prompts are submitted at once, so either engine decodes them together. One
+    event loop per actor, for all its batches: an engine's background tasks (vLLM's output handler) live on it."""
 
     def __init__(self, spec: GeneratorConfig):
         from ray_zephyr.serving.engine import load_engine
         from ray_zephyr.serving.service import ChatService
 
         super().__init__(spec)
+        self.loop = asyncio.new_event_loop()
         asyncio.set_event_loop(self.loop)  # an engine built here binds to the loop its batches run on
         self.service = ChatService(load_engine(spec.serve_settings()), spec.name, spec.n)
+
+    def _run(self, batch_coroutine):
+        return self.loop.run_until_complete(batch_coroutine)
 
     async def _one(self, messages: list[dict], temperature: float, seed: int) -> list[dict]:
         from ray_zephyr.serving.protocol import ChatRequest, OpenAIError
@@ -114,11 +122,15 @@ def generate(rows: list[dict], spec: GeneratorConfig, seed: int) -> dict[str, li
     """Completions of `spec` for each row id (rows: {id, messages, temperature?})."""
     items = [{"id": str(r["id"]), "messages": json.dumps(r["messages"]), "seed": row_seed(seed, str(r["id"]), spec.name),
               "temperature": float(r.get("temperature", spec.temperature))} for r in rows]
-    udf = {"transformers": EngineCompletions, "vllm": EngineCompletions, "openai": EndpointCompletions,
-           "function": FunctionCompletions}[spec.engine]
-    out = ray.data.from_items(items).map_batches(
-        udf, fn_constructor_kwargs={"spec": spec}, batch_size=spec.batch_size, concurrency=spec.concurrency,
-        num_gpus=spec.num_gpus, batch_format="numpy")
+    ds = ray.data.from_items(items)
+    if spec.engine in ("transformers", "vllm"):
+        out = ds.map_batches(EngineCompletions, fn_constructor_kwargs={"spec": spec}, batch_size=spec.batch_size,
+                             compute=ray.data.ActorPoolStrategy(size=spec.concurrency), num_gpus=spec.num_gpus,
+                             batch_format="numpy")
+    else:
+        udf = EndpointCompletions(spec) if spec.engine == "openai" else FunctionCompletions(spec)
+        out = ds.map_batches(udf, batch_size=spec.batch_size, compute=ray.data.TaskPoolStrategy(size=spec.concurrency),
+                             batch_format="numpy")
     completions: dict[str, list[dict]] = defaultdict(list)
     for row in out.iter_rows():
         completions[row["id"]] += json.loads(row["completions"])
