@@ -52,7 +52,6 @@ def base_url(ray_session, embedded_model_dir):
         min_replicas=1, max_replicas=2, target_ongoing_requests=2, max_ongoing_requests=32,
         upscale_delay_s=0, downscale_delay_s=600, default_max_tokens=DEFAULT_MAX_TOKENS,
         max_request_bytes=MAX_REQUEST_BYTES, health_check_period_s=1, health_check_timeout_s=5,
-        graceful_shutdown_timeout_s=2,
     )
     yield from serve_on_loopback(settings)
 
@@ -389,8 +388,8 @@ def wait_for_replacements(ray, client: OpenAI, old: Iterable[str], seconds: floa
 
 def test_a_replica_failing_its_health_check_is_replaced(ray_session, client):
     """A frozen replica (SIGSTOP: alive, but answering nothing) misses its health checks
-    (`health_check_timeout_s` 5 here, 3 misses); Serve must stop it (force-killing it after its grace period,
-    `graceful_shutdown_timeout_s` 2 here), start another, and the service must answer."""
+    (`health_check_timeout_s` 5 here, 3 misses); Serve must stop it (force-killing it after its 20 s grace
+    period), start another, and the service must answer."""
     name, pid = sorted(replica_pids(ray_session).items())[0]
     os.kill(pid, signal.SIGSTOP)
     try:

@@ -51,8 +51,6 @@ class ServeSettings(BaseModel):
     max_batch_rows: int = Field(64, ge=1, description="transformers engine: choices decoded together at most")
     health_check_period_s: float = Field(10, gt=0)
     health_check_timeout_s: float = Field(30, gt=0)
-    graceful_shutdown_timeout_s: float = Field(20, ge=0, description="how long a stopping replica may finish its "
-                                               "requests before it is killed (Serve's default)")
 
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(4, ge=1)
@@ -84,7 +82,6 @@ class ServeSettings(BaseModel):
             "max_ongoing_requests": self.max_ongoing_requests,
             "health_check_period_s": self.health_check_period_s,
             "health_check_timeout_s": self.health_check_timeout_s,
-            "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
             "autoscaling_config": {
                 "min_replicas": self.min_replicas,
                 "max_replicas": self.max_replicas,
