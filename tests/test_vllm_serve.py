@@ -122,9 +122,12 @@ def test_fields_are_honoured(client, vllm_model_dir):
 
 def test_a_killed_replica_and_one_whose_engine_died_are_replaced(ray_session, client):
     """One replica is killed; in the other, vLLM's engine core (a child process) is killed, so that
-    replica fails its health check. Serve must replace both (in parallel: each engine start is slow)."""
+    replica fails its health check. Serve must replace both (in parallel: each engine start is slow), and the
+    new engines must answer a seeded request as the old ones did."""
     import psutil
 
+    seeded = dict(model=MODEL, messages=HELLO, max_tokens=12, n=2, seed=7, temperature=1.0)
+    before = [c.message.content for c in client.chat.completions.create(**seeded).choices]
     pids = replica_pids(ray_session)
     assert len(pids) == 2
     (killed, _), (_, engine_owner) = sorted(pids.items())
@@ -134,6 +137,8 @@ def test_a_killed_replica_and_one_whose_engine_died_are_replaced(ray_session, cl
         engine.send_signal(signal.SIGKILL)
     ray_session.kill(ray_session.get_actor(killed, namespace="serve"), no_restart=True)
     wait_for_replacements(ray_session, client, pids, 480)  # ~100 s here, 216 s once on a slow CI machine
+    # Only fresh engines are left: they draw the same seeded samples (what makes an AIF rerun reproducible).
+    assert [c.message.content for c in client.chat.completions.create(**seeded).choices] == before
 
 
 def test_vllm_serves_a_lora_adapter_on_its_base(vllm_model_dir, tmp_path):
