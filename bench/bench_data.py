@@ -29,8 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from ray_zephyr.chat_template import set_chat_template  # noqa: E402
 from ray_zephyr.config import load_recipe  # noqa: E402
-from ray_zephyr.data.chat import set_chat_template  # noqa: E402
 from ray_zephyr.data.tokenize import tokenize_sft  # noqa: E402
 from ray_zephyr.data.validate import Invalid, sft_example  # noqa: E402
 from ray_zephyr.embedded import chat_row, save_embedded_model  # noqa: E402
@@ -106,8 +106,9 @@ def peer(path: Path, tokenizer) -> tuple[float, int]:
 
 
 def ours(path: Path, tokenizer_dir: Path, shuffle: bool) -> tuple[float, int]:
-    from ray_zephyr.data.pipeline import build_datasets
     from transformers import AutoTokenizer
+
+    from ray_zephyr.data.pipeline import build_datasets
 
     recipe = load_recipe("tiny-sft", [f"model.name_or_path={tokenizer_dir}", f"data.train.0.path={path}",
                                       "data.train.0.rows=null", "data.eval=[]", f"data.max_length={MAX_LENGTH}",

@@ -33,8 +33,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `serve/` (the app) lives beside `bench/`
 
-from ray_zephyr.embedded import chat_row, embedded_model_dir, save_embedded_model  # noqa: E402
+from ray_zephyr.embedded import chat_row, save_embedded_model  # noqa: E402
 from ray_zephyr.errors import run_cli  # noqa: E402
+from ray_zephyr.models import embedded_model_dir  # noqa: E402
 from ray_zephyr.serving.engine import load_engine  # noqa: E402
 from ray_zephyr.serving.protocol import parse_request  # noqa: E402
 from ray_zephyr.serving.service import ChatService  # noqa: E402

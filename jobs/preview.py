@@ -15,7 +15,7 @@ def main() -> None:
         add_arguments=lambda p: p.add_argument("--rows", type=int, default=None, help="look at the first N rows only"),
     )
     from ray_zephyr.data.preview import preview
-    from ray_zephyr.data.tokenize import load_tokenizer
+    from ray_zephyr.models import load_tokenizer
     from ray_zephyr.runtime import init_ray
 
     tokenizer = load_tokenizer(recipe)

@@ -242,9 +242,9 @@ def main(argv=None) -> None:
     start, timings = time.perf_counter(), {}
 
     with console(out / "zephyr.log") as (stdout, stderr):
+        import ray.data
         from tqdm import tqdm
 
-        import ray.data
         from ray_zephyr.aif.run import run_aif
         from ray_zephyr.evaluate import evaluate_preferences
         from ray_zephyr.report import plot_curves, read_metrics

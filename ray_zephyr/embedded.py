@@ -13,7 +13,7 @@ import random
 import re
 from pathlib import Path
 
-from ray_zephyr.data.chat import ZEPHYR_TEMPLATE
+from ray_zephyr.chat_template import ZEPHYR_TEMPLATE
 
 WORDS = "apple river stone cloud tiger piano garden yellow window silver candle forest ocean rocket".split()
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
@@ -210,17 +210,3 @@ def save_embedded_model(folder: str | Path, hidden_size: int = 64, layers: int =
         item.replace(folder / item.name)
     tmp.rmdir()
     return folder
-
-
-def embedded_model_dir() -> Path:
-    return Path.home() / ".cache" / "ray_zephyr" / MODEL_VERSION
-
-
-def resolve_model_path(name_or_path: str) -> str:
-    """`embedded` becomes the tiny model's folder (made on first use), a URI (`s3://...`) this node's cached
-    copy of it (see `ray_zephyr.storage`); a local folder or a hub id is passed through."""
-    if name_or_path == "embedded":
-        return str(save_embedded_model(embedded_model_dir()))
-    from ray_zephyr.storage import local_copy
-
-    return local_copy(name_or_path)

@@ -17,6 +17,7 @@ import ray
 from ray_zephyr.config import Recipe
 from ray_zephyr.errors import UserError
 
+
 @dataclass(frozen=True)
 class PairScores:
     """Summed completion log-probs of one model, one entry per held-out pair (in a fixed order)."""
@@ -78,7 +79,7 @@ def score_pairs(batches: list[dict], recipe: Recipe, model_dirs: list[str], pad_
 def evaluate_preferences(recipe: Recipe, sft_dir: str, dpo_dir: str) -> PreferenceEval:
     """Score the DPO recipe's held-out pairs (its eval data) with the SFT model and with the DPO model."""
     from ray_zephyr.data.pipeline import build_datasets
-    from ray_zephyr.data.tokenize import load_tokenizer
+    from ray_zephyr.models import load_tokenizer
 
     if recipe.stage != "dpo":
         raise UserError(f"preference evaluation needs a dpo recipe, got a {recipe.stage} recipe")

@@ -27,8 +27,8 @@ from torch import nn
 
 from ray_zephyr import storage
 from ray_zephyr.config import LoraConfig
-from ray_zephyr.embedded import resolve_model_path
 from ray_zephyr.errors import UserError
+from ray_zephyr.models import resolve_model_path
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

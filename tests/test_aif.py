@@ -14,7 +14,12 @@ import pytest
 from judge_stub import StubJudge, last_user_text
 
 from ray_zephyr.aif.binarize import Pair, binarize
-from ray_zephyr.aif.config import AIFRecipe, EndpointConfig, JudgeConfig, load_aif_recipe
+from ray_zephyr.aif.config import (
+    AIFRecipe,
+    EndpointConfig,
+    JudgeConfig,
+    load_aif_recipe,
+)
 from ray_zephyr.aif.judge import Judge
 from ray_zephyr.aif.ratings import Rating, parse_rating
 from ray_zephyr.errors import UserError
@@ -209,7 +214,7 @@ def test_aif_job_generates_judges_binarizes_and_resumes_from_the_cache(judge_ser
     from ray_zephyr.aif.run import run_aif
     from ray_zephyr.config import validate_recipe
     from ray_zephyr.data.pipeline import build_datasets
-    from ray_zephyr.data.tokenize import load_tokenizer
+    from ray_zephyr.models import load_tokenizer
 
     recipe = AIFRecipe.model_validate({
         "prompts": [{"path": "embedded", "split": "train", "rows": 6}],

@@ -9,12 +9,12 @@ import ipaddress
 import json
 import re
 import shlex
-import tomllib
 from pathlib import Path
 
 import jsonschema
 import pytest
 import ray
+import tomllib
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 

@@ -12,15 +12,16 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import AutoTokenizer
 
+from ray_zephyr.chat_template import ZEPHYR_TEMPLATE
 from ray_zephyr.config import load_recipe
-from ray_zephyr.data.chat import ZEPHYR_TEMPLATE
-from ray_zephyr.data.pipeline import build_datasets
 from ray_zephyr.data import sources
+from ray_zephyr.data.pipeline import build_datasets
 from ray_zephyr.data.sources import hub_root, resolve_source
-from ray_zephyr.data.tokenize import load_tokenizer, tokenize_preference, tokenize_sft
+from ray_zephyr.data.tokenize import tokenize_preference, tokenize_sft
 from ray_zephyr.data.validate import preference_example, sft_example
 from ray_zephyr.embedded import chat_row
 from ray_zephyr.errors import UserError
+from ray_zephyr.models import load_tokenizer
 
 
 def zephyr_recipe(name: str, sample: Path, *overrides: str):

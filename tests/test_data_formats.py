@@ -10,9 +10,10 @@ import pytest
 from ray_zephyr.config import load_recipe
 from ray_zephyr.data.formats import FORMATS, detect_format, to_example
 from ray_zephyr.data.pipeline import build_datasets
-from ray_zephyr.data.tokenize import load_tokenizer, tokenize_preference
+from ray_zephyr.data.tokenize import tokenize_preference
 from ray_zephyr.data.validate import Invalid
 from ray_zephyr.errors import UserError
+from ray_zephyr.models import load_tokenizer
 
 USER, ASSISTANT, SYSTEM = ({"role": r, "content": c} for r, c in
                            [("user", "Hi?"), ("assistant", "Hello."), ("system", "Be brief.")])

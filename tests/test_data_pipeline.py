@@ -15,10 +15,11 @@ import pytest
 from ray_zephyr.config import load_recipe
 from ray_zephyr.data.pipeline import build_datasets, iter_with_stall_timeout
 from ray_zephyr.data.sources import source_chunks
-from ray_zephyr.data.tokenize import load_tokenizer, tokenize_preference, tokenize_sft
+from ray_zephyr.data.tokenize import tokenize_preference, tokenize_sft
 from ray_zephyr.data.validate import preference_example, sft_example
 from ray_zephyr.embedded import chat_row, preference_row
 from ray_zephyr.errors import DataError, DataStallError, UserError
+from ray_zephyr.models import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,7 +49,7 @@ def test_embedded_pipeline_is_deterministic_given_the_seed(ray_session):
     b = rows_of(build_datasets(r, tok).train)
     c = rows_of(build_datasets(recipe("dpo", "data.train.0.rows=300", "data.eval.0.rows=40", "seed=7"), tok).train)
     assert keys(a) == keys(b) and [x["chosen_ids"] for x in a] == [x["chosen_ids"] for x in b]
-    assert sorted(keys(a)) == sorted((f"embedded:train", i) for i in range(300))
+    assert sorted(keys(a)) == sorted(("embedded:train", i) for i in range(300))
     assert keys(a) != sorted(keys(a)), "the seeded shuffle should reorder rows"
     assert keys(c) != keys(a), "another seed gives another order (and other generated rows)"
     rows_of(first.eval)

@@ -14,10 +14,10 @@ import torch
 from datasets import Dataset
 from transformers import AutoTokenizer
 
-from ray_zephyr.data.chat import set_chat_template
+from ray_zephyr.chat_template import set_chat_template
 from ray_zephyr.data.collate import collate_preference
-from ray_zephyr.data.tokenize import tokenize_preference, tokenize_sft
 from ray_zephyr.data.formats import to_example
+from ray_zephyr.data.tokenize import tokenize_preference, tokenize_sft
 from ray_zephyr.data.validate import Invalid, preference_example, sft_example
 from ray_zephyr.embedded import build_model
 

@@ -87,7 +87,7 @@ def rows_of(source: SourceConfig, stage: str = "dpo") -> list:
 def test_sft_source_from_the_hub_tokenizes_like_the_same_parquet_read_locally(ray_session, at_hub, local):
     """One pipeline over both sources: the hub file is read by the Ray Data workers, over HTTP."""
     from ray_zephyr.data.pipeline import build_datasets
-    from ray_zephyr.data.tokenize import load_tokenizer
+    from ray_zephyr.models import load_tokenizer
 
     recipe = load_recipe("tiny-sft", ["model.name_or_path=embedded", "data.eval=[]", "data.train=["
                                       f"{{path: {ULTRACHAT}, split: train_sft}}, "

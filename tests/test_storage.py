@@ -66,14 +66,14 @@ def test_a_model_and_its_tokenizer_load_from_a_uri(s3, embedded_model_dir, tmp_p
     from transformers import AutoModelForCausalLM
 
     from ray_zephyr.config import load_recipe
-    from ray_zephyr.data.tokenize import load_tokenizer
+    from ray_zephyr.models import load_tokenizer
 
     monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "cache"))
     uri = storage.join(s3, "sft", "model")
     storage.publish_dir(embedded_model_dir, uri)
     recipe = load_recipe("tiny-dpo", [f"model.name_or_path={uri}", f"train.output_dir={s3}/dpo"])
     assert "<|assistant|>" in load_tokenizer(recipe).chat_template
-    from ray_zephyr.embedded import resolve_model_path
+    from ray_zephyr.models import resolve_model_path
 
     model = AutoModelForCausalLM.from_pretrained(resolve_model_path(uri))
     expected = AutoModelForCausalLM.from_pretrained(embedded_model_dir)

@@ -15,11 +15,18 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ray_zephyr.config import load_recipe
-from ray_zephyr.data.tokenize import load_tokenizer, tokenize_sft
+from ray_zephyr.data.tokenize import tokenize_sft
 from ray_zephyr.embedded import chat_row
 from ray_zephyr.errors import UserError
+from ray_zephyr.models import load_tokenizer
 from ray_zephyr.train import checkpoint
-from ray_zephyr.train.engine import build_engine, build_reference, init_single_process, save_hf_model, save_merged
+from ray_zephyr.train.engine import (
+    build_engine,
+    build_reference,
+    init_single_process,
+    save_hf_model,
+    save_merged,
+)
 from ray_zephyr.train.reference import ReferenceScorer
 from ray_zephyr.train.step import evaluate, make_objective, train_step
 from tests.test_train_step import _rows as preference_rows
@@ -217,7 +224,13 @@ def test_dpo_loss_with_the_adapter_off_equals_trl_with_peft(embedded_model_dir, 
 
     from ray_zephyr.embedded import preference_row
     from ray_zephyr.lora import AdapterOff
-    from ray_zephyr.train.losses import MetricSums, TokenScorer, dpo_loss, dpo_metrics, sequence_logps
+    from ray_zephyr.train.losses import (
+        MetricSums,
+        TokenScorer,
+        dpo_loss,
+        dpo_metrics,
+        sequence_logps,
+    )
     from tests.test_train_losses import _first_batch
 
     trl = pytest.importorskip("trl")

@@ -41,7 +41,7 @@ def test_lora_run_on_two_zero3_workers_resumes_and_publishes_the_adapter_and_the
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= {p.name for p in adapter.iterdir()}
     base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
     assert base == "embedded"  # named as the recipe names it, so any node resolves it
-    from ray_zephyr.embedded import resolve_model_path
+    from ray_zephyr.models import resolve_model_path
 
     tokenizer = AutoTokenizer.from_pretrained(adapter)
     probe = tokenizer(["<|user|>\nSpell river backwards.</s>\n<|assistant|>\n"], return_tensors="pt")

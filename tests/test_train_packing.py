@@ -9,8 +9,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from ray_zephyr.config import load_recipe
-from ray_zephyr.data.tokenize import load_tokenizer, tokenize_preference, tokenize_sft
+from ray_zephyr.data.tokenize import tokenize_preference, tokenize_sft
 from ray_zephyr.embedded import chat_row, preference_row
+from ray_zephyr.models import load_tokenizer
 from ray_zephyr.train.losses import MetricSums, TokenScorer
 from ray_zephyr.train.step import make_objective
 

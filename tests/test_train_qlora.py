@@ -6,8 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ray_zephyr.data.tokenize import load_tokenizer
-from ray_zephyr.train.engine import build_engine, init_single_process, load_causal_lm, save_hf_model
+from ray_zephyr.models import load_tokenizer
+from ray_zephyr.train.engine import (
+    build_engine,
+    init_single_process,
+    load_causal_lm,
+    save_hf_model,
+)
 from ray_zephyr.train.step import evaluate, make_objective, train_step
 from tests.test_train_lora import gathered_weights, logits, sft_batches, sft_recipe
 

@@ -6,9 +6,15 @@ import numpy as np
 import pytest
 
 from ray_zephyr.config import load_recipe
-from ray_zephyr.data.tokenize import load_tokenizer, tokenize_preference
+from ray_zephyr.data.tokenize import tokenize_preference
 from ray_zephyr.embedded import preference_row
-from ray_zephyr.train.engine import build_engine, build_reference, deepspeed_config, init_single_process
+from ray_zephyr.models import load_tokenizer
+from ray_zephyr.train.engine import (
+    build_engine,
+    build_reference,
+    deepspeed_config,
+    init_single_process,
+)
 from ray_zephyr.train.reference import ReferenceScorer
 from ray_zephyr.train.step import make_objective, train_step
 

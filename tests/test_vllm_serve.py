@@ -26,7 +26,6 @@ from tests.test_serve_app import (
     HELLO,
     MAX_REQUEST_BYTES,
     MODEL,
-    _replica_actors,
     check_bad_request,
     check_fuzz,
     replica_pids,

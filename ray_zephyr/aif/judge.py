@@ -17,7 +17,12 @@ from tqdm.auto import tqdm
 from ray_zephyr.aif.cache import ResponseCache
 from ray_zephyr.aif.client import CallStats, ChatClient, Unparseable
 from ray_zephyr.aif.config import JudgeConfig
-from ray_zephyr.aif.ratings import Rating, judge_messages, parse_rating, programmatic_rating
+from ray_zephyr.aif.ratings import (
+    Rating,
+    judge_messages,
+    parse_rating,
+    programmatic_rating,
+)
 from ray_zephyr.errors import UserError
 
 Judged = tuple[Rating | None, str | None]  # a rating, or why there is none

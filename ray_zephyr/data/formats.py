@@ -15,7 +15,6 @@ from typing import Any
 
 from ray_zephyr.data.validate import (
     Invalid,
-    check_conversation,
     check_messages,
     check_text,
     check_turn_order,

@@ -12,30 +12,11 @@ Rows are tokenized a batch at a time: one template render per row, one fast-toke
 
 from __future__ import annotations
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
-from ray_zephyr.config import Recipe
-from ray_zephyr.data.chat import check_trainable_template, set_chat_template, with_system_turn
+from ray_zephyr.chat_template import with_system_turn
 from ray_zephyr.data.validate import Invalid
-from ray_zephyr.embedded import resolve_model_path
 from ray_zephyr.errors import UserError
-
-
-def load_tokenizer(recipe: Recipe) -> PreTrainedTokenizerBase:
-    """The model's tokenizer with the recipe's chat template; a pad token if it has none."""
-    name = resolve_model_path(recipe.model.tokenizer or recipe.model.name_or_path)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            name, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code
-        )
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot load tokenizer {name!r}: {str(exc).splitlines()[0]}") from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    set_chat_template(tokenizer, recipe.data.chat_template)
-    if recipe.stage == "sft":
-        check_trainable_template(tokenizer)
-    return tokenizer
 
 
 def _truncate(seq: list, max_length: int, mode: str) -> list:

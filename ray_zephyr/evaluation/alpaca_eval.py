@@ -18,9 +18,13 @@ import numpy as np
 from ray_zephyr.aif.binarize import prompt_rng
 from ray_zephyr.aif.client import ChatClient
 from ray_zephyr.aif.generate import generate
-from ray_zephyr.evaluation.config import EvalRecipe
-from ray_zephyr.evaluation.judging import judge_messages, load_judge_prompts, parse_verdict
 from ray_zephyr.errors import UserError
+from ray_zephyr.evaluation.config import EvalRecipe
+from ray_zephyr.evaluation.judging import (
+    judge_messages,
+    load_judge_prompts,
+    parse_verdict,
+)
 
 WIN = {"model": 1.0, "baseline": 0.0, "tie": 0.5}
 

@@ -17,9 +17,13 @@ from ray_zephyr.aif.generate import generate
 from ray_zephyr.config import SourceConfig
 from ray_zephyr.data.sources import read_rows, resolve_source
 from ray_zephyr.data.validate import Invalid
-from ray_zephyr.evaluation.config import EvalRecipe
-from ray_zephyr.evaluation.judging import judge_messages, load_judge_prompts, parse_score
 from ray_zephyr.errors import UserError
+from ray_zephyr.evaluation.config import EvalRecipe
+from ray_zephyr.evaluation.judging import (
+    judge_messages,
+    load_judge_prompts,
+    parse_score,
+)
 
 # FastChat's `temperature_config` (fastchat/llm_judge/common.py): the original protocol's sampling per category.
 CATEGORY_TEMPERATURE = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0, "coding": 0.0,

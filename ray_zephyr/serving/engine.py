@@ -14,9 +14,9 @@ from typing import Literal, Protocol
 
 from transformers import PreTrainedTokenizerBase
 
-from ray_zephyr.embedded import resolve_model_path
 from ray_zephyr.errors import UserError
 from ray_zephyr.lora import ADAPTER_CONFIG
+from ray_zephyr.models import resolve_model_path
 from ray_zephyr.serving.settings import ServeSettings
 
 FinishReason = Literal["stop", "length"]

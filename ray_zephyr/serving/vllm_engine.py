@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from ray_zephyr.embedded import resolve_model_path
 from ray_zephyr.errors import UserError
 from ray_zephyr.lora import adapter_base, adapter_rank, is_adapter
+from ray_zephyr.models import resolve_model_path
 from ray_zephyr.serving.engine import FinishReason, Piece, Sampling
 from ray_zephyr.serving.protocol import OpenAIError
 

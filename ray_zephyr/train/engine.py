@@ -13,8 +13,8 @@ import torch
 
 from ray_zephyr import lora
 from ray_zephyr.config import Recipe, TrainConfig
-from ray_zephyr.embedded import resolve_model_path
 from ray_zephyr.errors import UserError
+from ray_zephyr.models import resolve_model_path
 from ray_zephyr.train.losses import TokenScorer
 
 

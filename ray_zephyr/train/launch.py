@@ -20,8 +20,8 @@ import ray
 
 from ray_zephyr import storage
 from ray_zephyr.config import Recipe
-from ray_zephyr.embedded import resolve_model_path
 from ray_zephyr.errors import UserError
+from ray_zephyr.models import resolve_model_path
 from ray_zephyr.train import checkpoint, faults
 from ray_zephyr.train.engine import grad_accumulation_steps
 from ray_zephyr.train.rows import Layout, write_rows
@@ -149,7 +149,7 @@ def run_training(recipe: Recipe, on_start: Callable[[int], None] | None = None) 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from ray_zephyr.data.tokenize import load_tokenizer
+    from ray_zephyr.models import load_tokenizer
     from ray_zephyr.train.loop import train_loop
 
     preflight(recipe)

@@ -20,9 +20,14 @@ import ray.train
 
 from ray_zephyr import storage
 from ray_zephyr.data.pipeline import iter_with_stall_timeout
-from ray_zephyr.embedded import resolve_model_path
+from ray_zephyr.models import resolve_model_path
 from ray_zephyr.train import checkpoint, faults
-from ray_zephyr.train.engine import build_engine, build_reference, save_hf_model, save_merged
+from ray_zephyr.train.engine import (
+    build_engine,
+    build_reference,
+    save_hf_model,
+    save_merged,
+)
 from ray_zephyr.train.rows import RowFile, eval_layout
 from ray_zephyr.train.run_files import RunFiles
 from ray_zephyr.train.step import collated, evaluate, make_objective, train_step

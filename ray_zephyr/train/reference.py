@@ -14,12 +14,11 @@ import ray
 import torch
 
 from ray_zephyr.config import Recipe
-from ray_zephyr.embedded import resolve_model_path
+from ray_zephyr.models import resolve_model_path
 from ray_zephyr.train.engine import load_causal_lm
 from ray_zephyr.train.losses import TokenScorer, sequence_logps
 from ray_zephyr.train.packing import model_inputs
 from ray_zephyr.train.step import DPOObjective
-
 
 # A forward without gradients keeps no activations and no optimizer state: it fits several training micro-batches.
 MICRO_BATCHES_PER_REFERENCE_BATCH = 4

@@ -21,7 +21,14 @@ import torch.distributed as dist
 
 from ray_zephyr.config import Recipe
 from ray_zephyr.data.collate import collate_preference, collate_sft
-from ray_zephyr.train.losses import MetricSums, dpo_loss, dpo_metrics, sequence_logps, sft_loss, sft_score_mask
+from ray_zephyr.train.losses import (
+    MetricSums,
+    dpo_loss,
+    dpo_metrics,
+    sequence_logps,
+    sft_loss,
+    sft_score_mask,
+)
 from ray_zephyr.train.packing import model_inputs, pack
 
 

@@ -1,0 +1,46 @@
+"""Where models come from: a name or path becomes a local Hugging Face folder, and its tokenizer is loaded.
+
+`embedded` is the toy model (made on first use in the project's cache), a URI (`s3://...`) this node's cached
+copy (see `ray_zephyr.storage`); a local folder or a hub id is passed through to transformers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from ray_zephyr.chat_template import check_trainable_template, set_chat_template
+from ray_zephyr.config import Recipe
+from ray_zephyr.embedded import MODEL_VERSION, save_embedded_model
+from ray_zephyr.errors import UserError
+
+
+def embedded_model_dir() -> Path:
+    return Path.home() / ".cache" / "ray_zephyr" / MODEL_VERSION
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A local folder for `embedded` or a URI; a local folder or a hub id as given."""
+    if name_or_path == "embedded":
+        return str(save_embedded_model(embedded_model_dir()))
+    from ray_zephyr.storage import local_copy
+
+    return local_copy(name_or_path)
+
+
+def load_tokenizer(recipe: Recipe) -> PreTrainedTokenizerBase:
+    """The model's tokenizer with the recipe's chat template; a pad token if it has none."""
+    name = resolve_model_path(recipe.model.tokenizer or recipe.model.name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            name, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load tokenizer {name!r}: {str(exc).splitlines()[0]}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    set_chat_template(tokenizer, recipe.data.chat_template)
+    if recipe.stage == "sft":
+        check_trainable_template(tokenizer)
+    return tokenizer
