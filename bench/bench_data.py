@@ -26,14 +26,13 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from ray_zephyr.chat_template import set_chat_template
+from ray_zephyr.config import load_recipe
+from ray_zephyr.data.tokenize import tokenize_sft
+from ray_zephyr.data.validate import Invalid, sft_example
+from ray_zephyr.embedded import chat_row, save_embedded_model
 
-from ray_zephyr.chat_template import set_chat_template  # noqa: E402
-from ray_zephyr.config import load_recipe  # noqa: E402
-from ray_zephyr.data.tokenize import tokenize_sft  # noqa: E402
-from ray_zephyr.data.validate import Invalid, sft_example  # noqa: E402
-from ray_zephyr.embedded import chat_row, save_embedded_model  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 MAX_LENGTH = 2048
 
@@ -128,7 +127,6 @@ def single_core_rows_per_s(path: Path, tokenizer_dir: Path, rows: int = 4096) ->
 
     code = f"""
 import json, sys, time
-sys.path.insert(0, {str(ROOT)!r})
 from transformers import AutoTokenizer
 from ray_zephyr.data.tokenize import tokenize_sft
 from ray_zephyr.data.validate import sft_example

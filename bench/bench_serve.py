@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import sys
 import time
@@ -106,13 +105,11 @@ async def through_serve(url: str, requests: list[bytes], warmup: list[bytes], co
 def start_serve(settings: ServeSettings) -> str:
     from ray import serve
 
-    from ray_zephyr.runtime import init_ray
+    from ray_zephyr.runtime import free_ports, init_ray
     from serve.app import build_app
 
     init_ray(join_existing=False)  # a private local Ray: this measures loopback on this machine
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_ports()[0]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(settings), name="bench", route_prefix="/")
     return f"http://127.0.0.1:{port}"

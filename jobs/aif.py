@@ -1,12 +1,7 @@
 """AI feedback (UltraFeedback-style pairs from your prompts): `python jobs/aif.py --config <aif recipe> [key=value ...]`."""
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout sent with --working-dir needs no install
-
-from ray_zephyr.aif.run import main  # noqa: E402
-from ray_zephyr.errors import run_cli  # noqa: E402
+from ray_zephyr.aif.run import main
+from ray_zephyr.errors import run_cli
 
 if __name__ == "__main__":
     run_cli(main)

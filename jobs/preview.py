@@ -1,12 +1,7 @@
 """Preview a recipe's data: python jobs/preview.py --config tiny-sft [key=value ...] [--rows N]"""
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout sent with --working-dir needs no install
-
-from ray_zephyr.cli import parse_recipe_args  # noqa: E402
-from ray_zephyr.errors import run_cli  # noqa: E402
+from ray_zephyr.cli import parse_recipe_args
+from ray_zephyr.errors import run_cli
 
 
 def main() -> None:

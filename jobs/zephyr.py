@@ -14,7 +14,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import sys
 import threading
 import time
@@ -22,9 +21,8 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout sent with --working-dir needs no install
-
-from ray_zephyr.errors import run_cli  # noqa: E402
+from ray_zephyr.errors import run_cli
+from ray_zephyr.runtime import free_ports
 
 CHAT_PROMPTS = ["What is 3 plus 4?", "Sort 8 1 5.", "Spell tiger backwards."]
 SERVED_NAME = "zephyr-tiny"
@@ -126,12 +124,6 @@ def train_with_progress(recipe, label: str, bar_file):
         bar.close()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def served_chats(model_dir: Path, prompts: list[str], own_ray: bool) -> list[tuple[str, str]]:
     """Deploy the chat app (transformers engine, API key on) on 127.0.0.1 and ask it through the openai client."""
     from openai import OpenAI
@@ -143,7 +135,7 @@ def served_chats(model_dir: Path, prompts: list[str], own_ray: bool) -> list[tup
     key = secrets.token_hex(16)
     settings = ServeSettings(model=str(model_dir), model_name=SERVED_NAME, engine="transformers", api_key=key,
                              num_gpus=0, min_replicas=1, max_replicas=1)
-    port = free_port()
+    port = free_ports()[0]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         serve.run(build_app(settings), name="zephyr-chat", route_prefix="/")

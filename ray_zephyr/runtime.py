@@ -10,6 +10,7 @@ feed them never get scheduled (a silent deadlock). Logical CPUs are a scheduling
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import ray
@@ -57,3 +58,15 @@ def local_cores() -> int | None:
     tokenizer actors ran 1.3x slower than 2: docs/benchmarks.md). None on a cluster, where a logical CPU is a core."""
     return (os.cpu_count() or 1) if _started_here else None
 
+
+
+def free_ports(n: int = 1) -> list[int]:
+    """`n` distinct TCP ports free on the loopback now (all bound at once, so no two are the same)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()

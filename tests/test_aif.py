@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import random
 import re
-import socket
 
 import pyarrow.parquet as pq
 import pytest
@@ -23,6 +22,7 @@ from ray_zephyr.aif.config import (
 from ray_zephyr.aif.judge import Judge
 from ray_zephyr.aif.ratings import Rating, parse_rating
 from ray_zephyr.errors import UserError
+from ray_zephyr.runtime import free_ports
 
 GOOD = "Instruction following: {a}\nTruthfulness: {a}\nHonesty: 5\nHelpfulness: {a}\nOverall: {o}"
 
@@ -198,9 +198,7 @@ def serve_url(ray_session, embedded_model_dir):
     from ray_zephyr.serving.settings import ServeSettings
     from serve.app import build_app
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_ports()[0]
     settings = ServeSettings(model=str(embedded_model_dir), model_name="tiny", engine="transformers", num_gpus=0,
                              min_replicas=1, max_replicas=1)
     serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -18,7 +18,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,7 +29,7 @@ import psutil
 import pytest
 
 from ray_zephyr import storage
-from ray_zephyr.runtime import TRAIN_POLL_ENV
+from ray_zephyr.runtime import TRAIN_POLL_ENV, free_ports
 
 pytestmark = pytest.mark.slow
 
@@ -40,14 +39,6 @@ SMALL = ["data.train=[{path: embedded, split: train, rows: 192}]", "data.eval=[{
          "train.log_every_steps=4", "train.eval_every_steps=0", "train.epochs=1"]
 
 
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def _stop_node(temp_dir: str) -> None:
@@ -68,7 +59,7 @@ def _stop_node(temp_dir: str) -> None:
 
 def _start_node(env: dict, *args: str) -> str:
     temp_dir = tempfile.mkdtemp(prefix="rz-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
-    agent, agent_grpc, metrics, runtime_env, node_manager, object_manager = _free_ports(6)
+    agent, agent_grpc, metrics, runtime_env, node_manager, object_manager = free_ports(6)
     command = [RAY, "start", "--node-ip-address=127.0.0.1", "--num-cpus=4", "--object-store-memory=300000000",
                f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
                f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}",
@@ -85,7 +76,7 @@ def _start_node(env: dict, *args: str) -> str:
 @pytest.fixture(scope="module")
 def cluster(s3_server):
     """Head + one worker node, both reaching the S3 server; yields (dashboard address, environment, head temp dir)."""
-    gcs, dashboard, client = _free_ports(3)
+    gcs, dashboard, client = free_ports(3)
     env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), **s3_server,
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     env[TRAIN_POLL_ENV] = "0.25"  # Ray Train's poll of its workers, as on a local Ray (ray_zephyr.runtime)

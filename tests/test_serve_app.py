@@ -10,7 +10,6 @@ import json
 import os
 import random
 import signal
-import socket
 import time
 from collections.abc import Iterable
 
@@ -18,6 +17,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
+from ray_zephyr.runtime import free_ports
 from ray_zephyr.serving.settings import ServeSettings
 
 API_KEY = "test-key"
@@ -26,12 +26,6 @@ APP = "chat"
 HELLO = [{"role": "user", "content": "What is 2 plus 3?"}]
 DEFAULT_MAX_TOKENS = 16
 MAX_REQUEST_BYTES = 64 * 1024
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _replica_actors(ray) -> list[str]:
@@ -62,7 +56,7 @@ def serve_on_loopback(settings: ServeSettings):
 
     from serve.app import build_app
 
-    port = _free_port()
+    port = free_ports()[0]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(settings), name=APP, route_prefix="/")
     yield f"http://127.0.0.1:{port}"

@@ -12,10 +12,10 @@ from ray_zephyr.serving.settings import ServeSettings
 def test_a_deployment_open_to_the_network_refuses_to_start_without_an_api_key(ray_session, embedded_model_dir):
     from ray import serve
 
+    from ray_zephyr.runtime import free_ports
     from serve.app import build_app
-    from tests.test_serve_app import _free_port
 
-    serve.start(http_options={"host": "0.0.0.0", "port": _free_port()})
+    serve.start(http_options={"host": "0.0.0.0", "port": free_ports()[0]})
     try:
         with pytest.raises(RuntimeError, match="Deploying application open failed"):
             serve.run(build_app(ServeSettings(model=str(embedded_model_dir), engine="transformers", num_gpus=0,

@@ -238,16 +238,15 @@ def save_merged(recipe: Recipe, adapter_dir: str, tokenizer, dest: str) -> None:
 def init_single_process(backend: str | None = None) -> None:
     """torch.distributed with world size 1, for driving the training step without Ray (benchmarks, tests)."""
     import os
-    import socket
 
     import deepspeed
     import torch.distributed as dist
 
     if dist.is_initialized():
         return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from ray_zephyr.runtime import free_ports
+
+    port = free_ports()[0]
     os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     deepspeed.init_distributed(dist_backend=backend or ("nccl" if torch.cuda.is_available() else "gloo"))
