@@ -14,17 +14,13 @@ import re
 from pathlib import Path
 
 from ray_zephyr.chat_template import ZEPHYR_TEMPLATE
+from ray_zephyr.seeding import seeded_rng
 
 WORDS = "apple river stone cloud tiger piano garden yellow window silver candle forest ocean rocket".split()
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
 MODEL_VERSION = "tiny-llama-v1"
 TEACHER_ACCURACY = 0.5  # share of right answers in the SFT chats (the preference pairs always rank right first)
-
-
-def _rng(seed: int, split: str, index: int) -> random.Random:
-    digest = hashlib.sha256(f"{seed}/{split}/{index}".encode()).digest()
-    return random.Random(int.from_bytes(digest[:8], "little"))
 
 
 def _task(rng: random.Random) -> tuple[str, str, str]:
@@ -115,14 +111,14 @@ def _conversation(rng: random.Random, teacher_accuracy: float = 1.0) -> list[dic
 def chat_row(seed: int, split: str, index: int) -> dict:
     """One row in the HuggingFaceH4/ultrachat_200k schema, answered by a teacher that is right half the time
     (as UltraChat's answers are uneven): SFT learns the format and the kind of answer, not which is right."""
-    messages = _conversation(_rng(seed, split, index), TEACHER_ACCURACY)
+    messages = _conversation(seeded_rng(seed, split, index), TEACHER_ACCURACY)
     prompt = next(m["content"] for m in messages if m["role"] == "user")
     return {"prompt": prompt, "prompt_id": hashlib.sha256(prompt.encode()).hexdigest(), "messages": messages}
 
 
 def preference_row(seed: int, split: str, index: int) -> dict:
     """One row in the HuggingFaceH4/ultrafeedback_binarized schema: right answer chosen, near miss rejected."""
-    rng = _rng(seed, split, index)
+    rng = seeded_rng(seed, split, index)
     context = _conversation(rng)[:-1] if rng.random() < 0.3 else []
     if context and context[-1]["role"] == "user":
         context = context[:-1]

@@ -9,11 +9,11 @@
 
 from __future__ import annotations
 
-import hashlib
 import random
 from dataclasses import dataclass
 
 from ray_zephyr.aif.ratings import Rating
+from ray_zephyr.seeding import seeded_rng
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,7 @@ class Pair:
 
 def prompt_rng(seed: int, prompt_id: str) -> random.Random:
     """A draw that depends only on the seed and the prompt, not on the order prompts were processed in."""
-    return random.Random(int.from_bytes(hashlib.sha256(f"{seed}/{prompt_id}".encode()).digest()[:8], "little"))
+    return seeded_rng(seed, prompt_id)
 
 
 def binarize(ratings: list[Rating | None], method: str, rng: random.Random) -> Pair | str:

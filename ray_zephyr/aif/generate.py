@@ -17,7 +17,6 @@ check, where ours turns a too-long prompt into one counted drop instead of a fai
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 from collections import defaultdict
 
@@ -25,10 +24,11 @@ import numpy as np
 import ray
 
 from ray_zephyr.aif.config import GeneratorConfig
+from ray_zephyr.seeding import seeded_int
 
 
 def row_seed(seed: int, row_id: str, generator: str) -> int:
-    return int.from_bytes(hashlib.sha256(f"{seed}/{row_id}/{generator}".encode()).digest()[:8], "little") >> 1
+    return seeded_int(seed, row_id, generator) >> 1  # 63 bits: engines take a signed 64-bit seed
 
 
 class _Completions:
