@@ -105,7 +105,7 @@ def matmul_tflops(device: str) -> float:
     return 2 * 8192**3 * n / (time.perf_counter() - start) / 1e12
 
 
-def run_ours(stage: str, path: str, steps: int, device: str, resident: bool = False, packing: bool = False) -> dict:
+def run_ours(stage: str, path: str, steps: int, device: str, resident: bool = False, padding_free: bool = False) -> dict:
     import numpy as np
 
     from ray_zephyr.config import load_recipe
@@ -124,7 +124,7 @@ def run_ours(stage: str, path: str, steps: int, device: str, resident: bool = Fa
                                             f"train.global_batch_size={BATCH}", f"train.per_device_batch_size={BATCH}",
                                             f"data.max_length={MAX_LENGTH}", "train.lr=1.0e-4", "dpo.rpo_alpha=0",
                                             f"train.zero_stage={os.environ.get('BENCH_ZERO_STAGE', '3')}",
-                                            f"train.packing={packing}", f"train.use_gpu={device == 'cuda'}",
+                                            f"train.padding_free={padding_free}", f"train.use_gpu={device == 'cuda'}",
                                             f"model.gradient_checkpointing={os.environ.get('BENCH_CHECKPOINTING', 'false')}",
                                             f"model.attn_implementation={attention(device)}"])
     tokenizer = load_tokenizer(recipe)
@@ -199,7 +199,7 @@ def run_trl(stage: str, path: str, steps: int, device: str, packing: bool = Fals
 
 SIDES = {  # name: (runner, keyword arguments)
     "ours": (run_ours, {}),
-    "ours-packed": (run_ours, {"packing": True}),
+    "ours-padding-free": (run_ours, {"padding_free": True}),
     "ours-resident": (run_ours, {"resident": True}),
     "trl": (run_trl, {}),
     "trl-packed": (run_trl, {"packing": True}),
@@ -238,7 +238,7 @@ def main() -> None:
           f"load average {os.getloadavg()[0]:.2f}")
     report = {"args": vars(args), "stages": {}}
     for stage in ("sft", "dpo"):
-        sides = ["ours", "ours-packed", "trl"] + (["trl-packed"] if stage == "sft" else [])
+        sides = ["ours", "ours-padding-free", "trl"] + (["trl-packed"] if stage == "sft" else [])
         sides += ["ours-resident"] if stage == "dpo" and args.resident else []
         results = {}
         for side in sides:

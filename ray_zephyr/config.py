@@ -120,7 +120,7 @@ class TrainConfig(_Section):
     shared_filesystem: bool = False  # a local output_dir is mounted on every node (e.g. KubeRay's shared volume)
     resume: Literal["auto", "fresh"] = "auto"  # auto: resume matching checkpoints; fresh: delete them, start over
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"  # of the workers over nodes
-    packing: bool = False  # padding-free micro-batches: each one a single sequence of its rows' tokens
+    padding_free: bool = False  # padding-free micro-batches: each one a single sequence of its rows' tokens
     group_by_length: bool = False  # order each global batch longest first, so micro-batches hold similar lengths
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False

@@ -133,7 +133,7 @@ def test_rpo_term_equals_trl_sigmoid_plus_weighted_sft_loss(embedded_model_dir, 
     expected = trainer.compute_loss(trainer.model, batch).item()
 
     recipe = load_recipe("tiny-dpo", [f"model.name_or_path={embedded_model_dir}", "dpo.beta=0.2", "dpo.rpo_alpha=0.7",
-                                      "train.packing=false"])
+                                      "train.padding_free=false"])
     objective = make_objective(recipe, tokenizer.pad_token_id, TokenScorer(reference))
     ours = {k: batch[k] for k in ("input_ids", "attention_mask", "completion_mask")}
     ours |= {"lengths": batch["attention_mask"].sum(1), "completion_lengths": batch["completion_mask"].sum(1)}

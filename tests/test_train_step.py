@@ -148,7 +148,7 @@ def test_mistral_untied_head_under_zero3_gets_its_gradient(mistral_model_dir):
     weight directly, so under ZeRO-3 it must gather that partitioned weight itself, and keep it gathered until
     autograd has accumulated its gradient (the first backward crashed before). The step (ZeRO-3, packed rows,
     rows longer than the sliding window) gives plain PyTorch's loss and grad norm (a padded batch, full-vocabulary
-    cross-entropy, no DeepSpeed), which it would not if the head's gradient were lost or packing broke the
+    cross-entropy, no DeepSpeed), which it would not if the head's gradient were lost or padding-free batching broke the
     window. Several workers: tests/test_train_resume.py runs this model."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -162,7 +162,7 @@ def test_mistral_untied_head_under_zero3_gets_its_gradient(mistral_model_dir):
     tokenizer = load_tokenizer(recipe)
     rows = tokenize_sft(tokenizer, [{"messages": chat_row(0, "train", i)["messages"]} for i in range(4)],
                         recipe.data.max_length, "keep_start", False)
-    assert recipe.train.packing and max(len(r["input_ids"]) for r in rows) > 16  # the sliding window
+    assert recipe.train.padding_free and max(len(r["input_ids"]) for r in rows) > 16  # the sliding window
     objective = make_objective(recipe, tokenizer.pad_token_id)
     batch = objective.collate({k: np.array([np.array(r[k]) for r in rows], dtype=object) for k in rows[0]})
     engine = build_engine(recipe, str(mistral_model_dir), total_steps=1)

@@ -8,8 +8,8 @@ backward. The whole computation happens inside the wrapper's forward, so DeepSpe
 gather the backbone as for a plain HF forward; the head's weight, read directly, is gathered explicitly:
 in the forward and again in the backward (`_gathered`), and an untied trained head (Mistral's) from the
 backward's start at the scorer until its gradient is accumulated (`HeadGather`). It takes padded
-batches (`attention_mask`) or padding-free ones (`train.packing`: every row in one sequence, `position_ids`
-restarting per row, `row_index` saying which row a token is in; see `packing.py`). The token statistics
+batches (`attention_mask`) or padding-free ones (`train.padding_free`: every row in one sequence, `position_ids`
+restarting per row, `row_index` saying which row a token is in; see `padding_free.py`). The token statistics
 (entropy, top-1, mean logit: full-vocabulary work) are computed only when asked (logging steps, evaluation),
 from the same chunks, without gradients; the reference pass asks only for log-probs.
 

@@ -4,7 +4,7 @@ The reference is the frozen starting model, so its log-probs are a pure function
 them once (on an actor pool, one model per actor) and carrying them as `ref_chosen_logps` /
 `ref_rejected_logps` columns means no reference model sits beside the policy during training, and the
 training step does one forward instead of two. It scores log-probs only (no token statistics), collates as
-training does (padding-free with `train.packing`) and takes several training micro-batches of rows at a time.
+training does (padding-free with `train.padding_free`) and takes several training micro-batches of rows at a time.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from ray_zephyr.config import Recipe
 from ray_zephyr.models import resolve_model_path
 from ray_zephyr.train.engine import load_causal_lm
 from ray_zephyr.train.losses import TokenScorer, sequence_logps
-from ray_zephyr.train.packing import model_inputs
+from ray_zephyr.train.padding_free import model_inputs
 from ray_zephyr.train.step import DPOObjective
 
 # A forward without gradients keeps no activations and no optimizer state: it fits several training micro-batches.
@@ -31,7 +31,7 @@ class ReferenceScorer:
         self.device = torch.device("cuda" if recipe.train.use_gpu else "cpu")
         self.model = TokenScorer(load_causal_lm(recipe, resolve_model_path(model_path), recipe.train.use_gpu))
         self.model.to(self.device).eval().requires_grad_(False)
-        self.objective = DPOObjective(recipe, pad_token_id)  # collates as training does (padding-free with packing)
+        self.objective = DPOObjective(recipe, pad_token_id)  # collates as training does (padding-free with train.padding_free)
 
     @torch.no_grad()
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

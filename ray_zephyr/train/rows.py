@@ -14,7 +14,7 @@ The order, derived by every worker with no coordination:
   (the tail that cannot fill a global batch is left out of that epoch; a different tail each epoch when
   shuffling);
 - global step s takes positions [s*G, (s+1)*G); with `train.group_by_length` these G rows are ordered longest
-  first (by `num_tokens`), so each micro-batch holds rows of similar length (less padding; with packing, the
+  first (by `num_tokens`), so each micro-batch holds rows of similar length (less padding; padding-free, the
   W micro-batches of each round carry similar token counts); micro-batch m = p // B goes to worker m % W;
 - with a token budget (`train.micro_batch_tokens`), each worker's B x A rows of a step are cut into runs of at
   most that many tokens instead of A micro-batches of B rows (`split_by_tokens`), as many on every worker

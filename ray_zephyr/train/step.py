@@ -29,20 +29,20 @@ from ray_zephyr.train.losses import (
     sft_loss,
     sft_score_mask,
 )
-from ray_zephyr.train.packing import model_inputs, pack
+from ray_zephyr.train.padding_free import model_inputs, pack
 
 
 class SFTObjective:
     """Next-token loss on the supervised (assistant) tokens, a mean over the global batch's tokens."""
 
     def __init__(self, recipe: Recipe, pad_token_id: int):
-        self.pad_token_id, self.packing = pad_token_id, recipe.train.packing
+        self.pad_token_id, self.padding_free = pad_token_id, recipe.train.padding_free
 
     def collate(self, rows: dict) -> dict[str, torch.Tensor]:
         batch = collate_sft(rows, self.pad_token_id)
         batch["score_mask"] = sft_score_mask(batch.pop("labels"))
         batch["lengths"] = batch["attention_mask"].sum(1)
-        return pack(batch, "score_mask") if self.packing else batch
+        return pack(batch, "score_mask") if self.padding_free else batch
 
     def loss_denominator(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Scored tokens (each predicted from the previous one)."""
@@ -63,13 +63,13 @@ class DPOObjective:
 
     def __init__(self, recipe: Recipe, pad_token_id: int, reference=None):
         self.pad_token_id, self.data, self.dpo, self.reference = pad_token_id, recipe.data, recipe.dpo, reference
-        self.packing = recipe.train.packing
+        self.padding_free = recipe.train.padding_free
 
     def collate(self, rows: dict) -> dict[str, torch.Tensor]:
         batch = collate_preference(rows, self.pad_token_id, self.data.max_length, self.data.truncation_mode)
         batch["lengths"] = batch["attention_mask"].sum(1)
         batch["completion_lengths"] = batch["completion_mask"].sum(1)
-        return pack(batch, "completion_mask") if self.packing else batch
+        return pack(batch, "completion_mask") if self.padding_free else batch
 
     def samples(self, batch: dict[str, torch.Tensor]) -> int:
         return len(batch["lengths"]) // 2

@@ -44,7 +44,7 @@ def _compare(padded, packed):
 
 
 def test_packed_sft_equals_padded(embedded_model_dir):
-    recipes = {p: load_recipe("tiny-sft", [f"model.name_or_path={embedded_model_dir}", f"train.packing={p}"])
+    recipes = {p: load_recipe("tiny-sft", [f"model.name_or_path={embedded_model_dir}", f"train.padding_free={p}"])
                for p in ("false", "true")}
     tokenizer = load_tokenizer(recipes["false"])
     chats = [chat_row(0, "train", i) for i in range(6)]
@@ -58,7 +58,7 @@ def test_packed_sft_equals_padded(embedded_model_dir):
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge"])
 def test_packed_dpo_equals_padded(embedded_model_dir, loss_type):
     overrides = [f"model.name_or_path={embedded_model_dir}", f"dpo.loss_type={loss_type}", "dpo.beta=0.3"]
-    recipes = {p: load_recipe("tiny-dpo", [*overrides, f"train.packing={p}"]) for p in ("false", "true")}
+    recipes = {p: load_recipe("tiny-dpo", [*overrides, f"train.padding_free={p}"]) for p in ("false", "true")}
     tokenizer = load_tokenizer(recipes["false"])
     examples = []
     for i in range(5):

@@ -1,4 +1,4 @@
-"""Padding-free micro-batches (`train.packing: true`): all rows of a micro-batch as one sequence.
+"""Padding-free micro-batches (`train.padding_free: true`): all rows of a micro-batch as one sequence.
 
 A padded batch (as `data.collate` builds it, truncated exactly as TRL's collators do) becomes one row of its
 real tokens. `position_ids` restart at 0 for each row, which makes transformers attend within each row only
