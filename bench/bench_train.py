@@ -111,13 +111,14 @@ def run_ours(stage: str, path: str, steps: int, device: str, resident: bool = Fa
     from ray_zephyr.config import load_recipe
     from ray_zephyr.data.tokenize import tokenize_preference, tokenize_sft
     from ray_zephyr.models import load_tokenizer
-    from ray_zephyr.train.engine import (
+    from ray_zephyr.train.deepspeed_setup import (
         build_engine,
         build_reference,
         init_single_process,
     )
+    from ray_zephyr.train.objectives import make_objective
     from ray_zephyr.train.reference import ReferenceScorer
-    from ray_zephyr.train.step import make_objective, train_step
+    from ray_zephyr.train.step import train_step
 
     init_single_process()
     recipe = load_recipe(f"tiny-{stage}", [f"model.name_or_path={path}", "train.num_workers=1",

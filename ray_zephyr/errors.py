@@ -20,7 +20,7 @@ class DataError(UserError):
 
 
 class DataStallError(UserError):
-    """The data pipeline produced nothing for too long (see `ray_zephyr.data.pipeline.iter_with_stall_timeout`)."""
+    """The data pipeline produced nothing for too long (see `ray_zephyr.prefetch.iter_with_stall_timeout`)."""
 
 
 def user_error_in(exc: BaseException) -> UserError | None:

@@ -13,13 +13,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from ray_zephyr.config import load_recipe
-from ray_zephyr.data.pipeline import build_datasets, iter_with_stall_timeout
+from ray_zephyr.data.pipeline import build_datasets
 from ray_zephyr.data.sources import source_chunks
 from ray_zephyr.data.tokenize import tokenize_preference, tokenize_sft
 from ray_zephyr.data.validate import preference_example, sft_example
 from ray_zephyr.embedded import chat_row, preference_row
 from ray_zephyr.errors import DataError, DataStallError, UserError
 from ray_zephyr.models import load_tokenizer
+from ray_zephyr.prefetch import iter_with_stall_timeout
 
 ROOT = Path(__file__).resolve().parents[1]
 

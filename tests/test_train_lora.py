@@ -20,15 +20,16 @@ from ray_zephyr.embedded import chat_row
 from ray_zephyr.errors import UserError
 from ray_zephyr.models import load_tokenizer
 from ray_zephyr.train import checkpoint
-from ray_zephyr.train.engine import (
+from ray_zephyr.train.deepspeed_setup import (
     build_engine,
     build_reference,
     init_single_process,
     save_hf_model,
     save_merged,
 )
+from ray_zephyr.train.objectives import make_objective
 from ray_zephyr.train.reference import ReferenceScorer
-from ray_zephyr.train.step import evaluate, make_objective, train_step
+from ray_zephyr.train.step import eval_metrics, train_step
 from tests.test_train_step import _rows as preference_rows
 
 peft = pytest.importorskip("peft")
@@ -73,10 +74,10 @@ def sft_run(embedded_model_dir, tmp_path_factory):
     objective = make_objective(recipe, tokenizer.pad_token_id)
     engine = build_engine(recipe, str(embedded_model_dir), total_steps=2)
     batches = sft_batches(recipe, tokenizer, objective)
-    before, loss_before = gathered_weights(engine), evaluate(engine, objective, batches[0:2])["eval_loss"]
+    before, loss_before = gathered_weights(engine), eval_metrics(engine, objective, batches[0:2])["eval_loss"]
     for step_batches in (batches[0:2], batches[2:4]):
         train_step(engine, objective, step_batches)
-    after, loss_after = gathered_weights(engine), evaluate(engine, objective, batches[0:2])["eval_loss"]
+    after, loss_after = gathered_weights(engine), eval_metrics(engine, objective, batches[0:2])["eval_loss"]
     save_hf_model(engine, tokenizer, str(out / "model"), rank=0)
     save_merged(recipe, str(out / "model"), tokenizer, str(out / "merged"))
     probe = tokenizer(["<|user|>\nWhat is 2 plus 3?</s>\n<|assistant|>\n2 plus 3 is 5.", "Sort 3 1 2."],
@@ -224,14 +225,9 @@ def test_dpo_loss_with_the_adapter_off_equals_trl_with_peft(embedded_model_dir, 
 
     from ray_zephyr.embedded import preference_row
     from ray_zephyr.lora import AdapterOff
-    from ray_zephyr.train.losses import (
-        MetricSums,
-        TokenScorer,
-        dpo_loss,
-        dpo_metrics,
-        sequence_logps,
-    )
-    from tests.test_train_losses import _first_batch
+    from ray_zephyr.train.objectives import MetricSums, dpo_loss, dpo_metrics
+    from ray_zephyr.train.scoring import TokenScorer, sequence_logps
+    from tests.test_train_objectives import _first_batch
 
     trl = pytest.importorskip("trl")
     tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir)

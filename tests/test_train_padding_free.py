@@ -12,8 +12,8 @@ from ray_zephyr.config import load_recipe
 from ray_zephyr.data.tokenize import tokenize_preference, tokenize_sft
 from ray_zephyr.embedded import chat_row, preference_row
 from ray_zephyr.models import load_tokenizer
-from ray_zephyr.train.losses import MetricSums, TokenScorer
-from ray_zephyr.train.step import make_objective
+from ray_zephyr.train.objectives import MetricSums, make_objective
+from ray_zephyr.train.scoring import TokenScorer
 
 
 def _columns(tokenized: list[dict]) -> dict:
@@ -43,7 +43,7 @@ def _compare(padded, packed):
         torch.testing.assert_close(packed_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_packed_sft_equals_padded(embedded_model_dir):
+def test_padding_free_sft_equals_padded(embedded_model_dir):
     recipes = {p: load_recipe("tiny-sft", [f"model.name_or_path={embedded_model_dir}", f"train.padding_free={p}"])
                for p in ("false", "true")}
     tokenizer = load_tokenizer(recipes["false"])
@@ -56,7 +56,7 @@ def test_packed_sft_equals_padded(embedded_model_dir):
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge"])
-def test_packed_dpo_equals_padded(embedded_model_dir, loss_type):
+def test_padding_free_dpo_equals_padded(embedded_model_dir, loss_type):
     overrides = [f"model.name_or_path={embedded_model_dir}", f"dpo.loss_type={loss_type}", "dpo.beta=0.3"]
     recipes = {p: load_recipe("tiny-dpo", [*overrides, f"train.padding_free={p}"]) for p in ("false", "true")}
     tokenizer = load_tokenizer(recipes["false"])

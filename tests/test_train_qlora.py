@@ -7,13 +7,14 @@ import pytest
 import torch
 
 from ray_zephyr.models import load_tokenizer
-from ray_zephyr.train.engine import (
+from ray_zephyr.train.deepspeed_setup import (
     build_engine,
     init_single_process,
     load_causal_lm,
     save_hf_model,
 )
-from ray_zephyr.train.step import evaluate, make_objective, train_step
+from ray_zephyr.train.objectives import make_objective
+from ray_zephyr.train.step import eval_metrics, train_step
 from tests.test_train_lora import gathered_weights, logits, sft_batches, sft_recipe
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -38,11 +39,11 @@ def test_qlora_trains_the_adapter_on_frozen_4bit_weights(embedded_model_dir, tmp
     lm = engine.module.lm
     assert len([m for m in lm.modules() if isinstance(m, bnb.nn.Linear4bit)]) == 7 * lm.config.num_hidden_layers
     batches = sft_batches(recipe, tokenizer, objective)
-    before, loss_before = gathered_weights(engine), evaluate(engine, objective, batches[0:2])["eval_loss"]
+    before, loss_before = gathered_weights(engine), eval_metrics(engine, objective, batches[0:2])["eval_loss"]
     layers_before = four_bit_outputs(lm)
     for step_batches in (batches[0:2], batches[2:4]):
         train_step(engine, objective, step_batches)
-    after, loss_after = gathered_weights(engine), evaluate(engine, objective, batches[0:2])["eval_loss"]
+    after, loss_after = gathered_weights(engine), eval_metrics(engine, objective, batches[0:2])["eval_loss"]
     assert loss_after < loss_before
     for name in before:
         if ".lora_B." in name:

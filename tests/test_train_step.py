@@ -9,14 +9,15 @@ from ray_zephyr.config import load_recipe
 from ray_zephyr.data.tokenize import tokenize_preference
 from ray_zephyr.embedded import preference_row
 from ray_zephyr.models import load_tokenizer
-from ray_zephyr.train.engine import (
+from ray_zephyr.train.deepspeed_setup import (
     build_engine,
     build_reference,
     deepspeed_config,
     init_single_process,
 )
+from ray_zephyr.train.objectives import make_objective
 from ray_zephyr.train.reference import ReferenceScorer
-from ray_zephyr.train.step import make_objective, train_step
+from ray_zephyr.train.step import train_step
 
 
 def _rows(recipe, tokenizer, n: int) -> dict:

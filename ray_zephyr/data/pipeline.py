@@ -13,10 +13,8 @@ rows read = rows kept + rows dropped by reason.
 from __future__ import annotations
 
 import hashlib
-import queue
-import threading
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,7 +26,7 @@ from ray_zephyr.data.formats import to_example
 from ray_zephyr.data.sources import Chunk, ResolvedSource, read_chunk, resolve_source
 from ray_zephyr.data.tokenize import TOKENIZERS, bos_choice
 from ray_zephyr.data.validate import Invalid
-from ray_zephyr.errors import DataError, DataStallError
+from ray_zephyr.errors import DataError
 from ray_zephyr.runtime import local_cores
 
 KEPT = "kept"
@@ -261,40 +259,3 @@ def build_datasets(recipe: Recipe, tokenizer) -> PreparedData:
     else:
         evaluation = None
     return PreparedData(train, evaluation, stats)
-
-
-_DONE = object()
-
-
-def iter_with_stall_timeout(iterable: Iterable, timeout_s: float, what: str) -> Iterator:
-    """Yield from `iterable`, but raise DataStallError if no item arrives for `timeout_s` seconds.
-
-    A Ray Data pipeline whose tasks cannot be scheduled waits forever without a word; this turns that into
-    an error that says what to change.
-    """
-    items: queue.Queue = queue.Queue(maxsize=4)
-
-    def produce() -> None:
-        try:
-            for item in iterable:
-                items.put(item)
-            items.put(_DONE)
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer thread
-            items.put(exc)
-
-    threading.Thread(target=produce, daemon=True, name=f"stall-watch:{what}").start()
-    while True:
-        try:
-            item = items.get(timeout=timeout_s)
-        except queue.Empty:
-            free = ray.available_resources().get("CPU", 0.0) if ray.is_initialized() else 0.0
-            total = ray.cluster_resources().get("CPU", 0.0) if ray.is_initialized() else 0.0
-            raise DataStallError(
-                f"{what}: no data for {timeout_s:.0f}s, the pipeline is stalled ({free:g} of {total:g} logical CPUs "
-                "free for Ray Data tasks); give Ray more CPUs (ray start --num-cpus) or use fewer train workers"
-            ) from None
-        if item is _DONE:
-            return
-        if isinstance(item, BaseException):
-            raise item
-        yield item

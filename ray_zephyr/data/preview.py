@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from ray_zephyr.config import Recipe
-from ray_zephyr.data.pipeline import build_datasets, iter_with_stall_timeout
+from ray_zephyr.data.pipeline import build_datasets
+from ray_zephyr.prefetch import iter_with_stall_timeout
 
 PERCENTILES = (50, 90, 99, 100)
 

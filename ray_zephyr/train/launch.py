@@ -23,7 +23,7 @@ from ray_zephyr.config import Recipe
 from ray_zephyr.errors import UserError
 from ray_zephyr.models import resolve_model_path
 from ray_zephyr.train import checkpoint, faults
-from ray_zephyr.train.engine import grad_accumulation_steps
+from ray_zephyr.train.deepspeed_setup import grad_accumulation_steps
 from ray_zephyr.train.rows import Layout, write_rows
 from ray_zephyr.train.run_files import SUMMARY
 
@@ -124,7 +124,8 @@ def preflight(recipe: Recipe) -> None:
 def prepare_rows(recipe: Recipe, tokenizer, model_path: str) -> tuple[dict[str, int], list[str]]:
     """Tokenize (+ reference log-probs for DPO with a precomputed reference) and write the numbered rows of each
     split to <output_dir>/data/<split> (see `rows`); returns the row counts and the data report."""
-    from ray_zephyr.data.pipeline import build_datasets, iter_with_stall_timeout
+    from ray_zephyr.data.pipeline import build_datasets
+    from ray_zephyr.prefetch import iter_with_stall_timeout
 
     prepared = build_datasets(recipe, tokenizer)
     datasets = {"train": prepared.train, "eval": prepared.eval}

@@ -19,18 +19,19 @@ import uuid
 import ray.train
 
 from ray_zephyr import storage
-from ray_zephyr.data.pipeline import iter_with_stall_timeout
 from ray_zephyr.models import resolve_model_path
+from ray_zephyr.prefetch import iter_with_stall_timeout
 from ray_zephyr.train import checkpoint, faults
-from ray_zephyr.train.engine import (
+from ray_zephyr.train.deepspeed_setup import (
     build_engine,
     build_reference,
     save_hf_model,
     save_merged,
 )
+from ray_zephyr.train.objectives import make_objective
 from ray_zephyr.train.rows import RowFile, eval_layout
 from ray_zephyr.train.run_files import RunFiles
-from ray_zephyr.train.step import collated, evaluate, make_objective, train_step
+from ray_zephyr.train.step import collated, eval_metrics, train_step
 
 
 def train_loop(config: dict) -> None:
@@ -65,7 +66,7 @@ def train_loop(config: dict) -> None:
             return {}
         order = eval_layout(config["eval_size"], layout.micro_batch, world_size)
         batches = micro_batches(eval_rows, order.rank_micro_batches(0, rank, 0, eval_rows.lengths, False), "eval data")
-        metrics = evaluate(engine, objective, (batch for _, batch in batches))
+        metrics = eval_metrics(engine, objective, (batch for _, batch in batches))
         files.log("eval", position.global_step, position.epoch, metrics)
         return metrics
 

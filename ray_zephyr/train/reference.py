@@ -15,10 +15,10 @@ import torch
 
 from ray_zephyr.config import Recipe
 from ray_zephyr.models import resolve_model_path
-from ray_zephyr.train.engine import load_causal_lm
-from ray_zephyr.train.losses import TokenScorer, sequence_logps
+from ray_zephyr.train.deepspeed_setup import load_causal_lm
+from ray_zephyr.train.objectives import DPOObjective
 from ray_zephyr.train.padding_free import model_inputs
-from ray_zephyr.train.step import DPOObjective
+from ray_zephyr.train.scoring import TokenScorer, sequence_logps
 
 # A forward without gradients keeps no activations and no optimizer state: it fits several training micro-batches.
 MICRO_BATCHES_PER_REFERENCE_BATCH = 4

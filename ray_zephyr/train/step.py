@@ -1,7 +1,7 @@
 """One optimizer step over a worker's micro-batches, and one evaluation pass, shared by SFT and DPO.
 
-The objective (SFT or DPO) says how to collate rows, what the loss is a mean over (its `loss_denominator`:
-supervised tokens for SFT, pairs for DPO) and the loss itself. `train_step` does the rest: one all-reduce
+The objective (`objectives.py`: SFT or DPO) says how to collate rows, what the loss is a mean over and the loss
+itself. `train_step` does the rest: one all-reduce
 of the denominator so the loss is a mean over the *global* batch (every worker, every micro-batch: uneven
 token counts weigh right), backward and step through the DeepSpeed engine, and the metrics reduced across
 workers once per step.
@@ -19,95 +19,7 @@ from collections.abc import Iterable, Iterator
 import torch
 import torch.distributed as dist
 
-from ray_zephyr.config import Recipe
-from ray_zephyr.data.collate import collate_preference, collate_sft
-from ray_zephyr.train.losses import (
-    MetricSums,
-    dpo_loss,
-    dpo_metrics,
-    sequence_logps,
-    sft_loss,
-    sft_score_mask,
-)
-from ray_zephyr.train.padding_free import model_inputs, pack
-
-
-class SFTObjective:
-    """Next-token loss on the supervised (assistant) tokens, a mean over the global batch's tokens."""
-
-    def __init__(self, recipe: Recipe, pad_token_id: int):
-        self.pad_token_id, self.padding_free = pad_token_id, recipe.train.padding_free
-
-    def collate(self, rows: dict) -> dict[str, torch.Tensor]:
-        batch = collate_sft(rows, self.pad_token_id)
-        batch["score_mask"] = sft_score_mask(batch.pop("labels"))
-        batch["lengths"] = batch["attention_mask"].sum(1)
-        return pack(batch, "score_mask") if self.padding_free else batch
-
-    def loss_denominator(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Scored tokens (each predicted from the previous one)."""
-        return batch["score_mask"][:, 1:].sum()
-
-    def samples(self, batch: dict[str, torch.Tensor]) -> int:
-        return len(batch["lengths"])
-
-    def loss(self, model, batch: dict[str, torch.Tensor], denominator: torch.Tensor, metrics: MetricSums,
-             token_stats: bool = True) -> torch.Tensor:
-        stats = model(**model_inputs(batch, "score_mask"), token_stats=token_stats)
-        return sft_loss(stats, denominator, metrics)
-
-
-class DPOObjective:
-    """DPO over [chosen; rejected] batches, a mean over the global batch's pairs. The reference log-probs come
-    from the rows (precomputed) or from a resident frozen engine."""
-
-    def __init__(self, recipe: Recipe, pad_token_id: int, reference=None):
-        self.pad_token_id, self.data, self.dpo, self.reference = pad_token_id, recipe.data, recipe.dpo, reference
-        self.padding_free = recipe.train.padding_free
-
-    def collate(self, rows: dict) -> dict[str, torch.Tensor]:
-        batch = collate_preference(rows, self.pad_token_id, self.data.max_length, self.data.truncation_mode)
-        batch["lengths"] = batch["attention_mask"].sum(1)
-        batch["completion_lengths"] = batch["completion_mask"].sum(1)
-        return pack(batch, "completion_mask") if self.padding_free else batch
-
-    def samples(self, batch: dict[str, torch.Tensor]) -> int:
-        return len(batch["lengths"]) // 2
-
-    def loss_denominator(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Pairs."""
-        return torch.tensor(self.samples(batch), device=batch["input_ids"].device)
-
-    def reference_logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.reference is None:
-            return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
-        with torch.no_grad():
-            stats = self.reference(**model_inputs(batch, "completion_mask"), token_stats=False)
-            return sequence_logps(stats, len(batch["lengths"]))
-
-    def loss(self, model, batch: dict[str, torch.Tensor], denominator: torch.Tensor, metrics: MetricSums,
-             token_stats: bool = True) -> torch.Tensor:
-        stats = model(**model_inputs(batch, "completion_mask"), token_stats=token_stats)
-        chosen, rejected = sequence_logps(stats, len(batch["lengths"]))
-        ref_chosen, ref_rejected = self.reference_logps(batch)
-        beta = self.dpo.beta
-        per_pair = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, batch["completion_lengths"], beta,
-                            self.dpo.loss_type, self.dpo.label_smoothing)
-        if self.dpo.rpo_alpha:
-            # RPO (Pang et al., 2024): DPO alone can lower the likelihood of the chosen answers too; a mean token
-            # NLL on each chosen answer keeps them likely (TRL: loss_type [sigmoid, sft] with loss weights).
-            chosen_tokens, _ = stats.per_row(torch.ones_like(stats.logps), len(batch["lengths"])).chunk(2)
-            nll = -chosen / chosen_tokens.clamp(min=1)
-            metrics.add("nll_loss", nll.detach().sum(), len(nll))
-            per_pair = per_pair + self.dpo.rpo_alpha * nll
-        dpo_metrics(metrics, stats, per_pair, chosen, rejected, ref_chosen, ref_rejected, beta)
-        return per_pair.sum() / denominator
-
-
-def make_objective(recipe: Recipe, pad_token_id: int, reference=None):
-    if recipe.stage == "sft":
-        return SFTObjective(recipe, pad_token_id)
-    return DPOObjective(recipe, pad_token_id, reference)
+from ray_zephyr.train.objectives import MetricSums
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
@@ -119,8 +31,8 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 
 def collated(objective, micro_batches: Iterable[dict], pin_memory: bool) -> Iterator[tuple[list[int], dict]]:
     """(sample ids, collated batch) of each micro-batch of rows; pinned for a fast asynchronous copy to a GPU.
-    The loop runs this one step ahead in a background thread, so the host-side work of the next step overlaps
-    the device work of this one."""
+    The loop runs this in a background thread that keeps up to `prefetch.QUEUE_DEPTH` micro-batches ready, so the
+    host-side work of the next micro-batches overlaps the device work of this one."""
     for rows in micro_batches:
         batch = objective.collate(rows)
         if pin_memory:
@@ -158,7 +70,7 @@ def train_step(engine, objective, micro_batches: list[dict], token_stats: bool =
 
 
 @torch.no_grad()
-def evaluate(engine, objective, micro_batches: Iterable[dict]) -> dict[str, float]:
+def eval_metrics(engine, objective, micro_batches: Iterable[dict]) -> dict[str, float]:
     """Metrics over the given collated micro-batches (every worker must pass the same number), prefixed `eval_`."""
     start = time.perf_counter()
     engine.eval()

@@ -15,7 +15,7 @@ from ray_zephyr import lora
 from ray_zephyr.config import Recipe, TrainConfig
 from ray_zephyr.errors import UserError
 from ray_zephyr.models import resolve_model_path
-from ray_zephyr.train.losses import TokenScorer
+from ray_zephyr.train.scoring import TokenScorer
 
 
 def grad_accumulation_steps(train: TrainConfig) -> int:

@@ -8,15 +8,14 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ray_zephyr.embedded import chat_row, preference_row
-from ray_zephyr.train.losses import (
+from ray_zephyr.train.objectives import (
     MetricSums,
-    TokenScorer,
     dpo_loss,
     dpo_metrics,
-    sequence_logps,
     sft_loss,
     sft_score_mask,
 )
+from ray_zephyr.train.scoring import TokenScorer, sequence_logps
 
 trl = pytest.importorskip("trl")
 
@@ -120,7 +119,7 @@ def test_rpo_term_equals_trl_sigmoid_plus_weighted_sft_loss(embedded_model_dir, 
     """dpo.rpo_alpha adds the chosen answer's mean token NLL, weighted: TRL's loss_type [sigmoid, sft] with
     loss_weights [1, alpha] (one pair per batch, where TRL's batch-wide token mean is the pair's own)."""
     from ray_zephyr.config import load_recipe
-    from ray_zephyr.train.step import make_objective
+    from ray_zephyr.train.objectives import make_objective
 
     tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir)
     policy, reference = _perturbed(embedded_model_dir, 3), AutoModelForCausalLM.from_pretrained(embedded_model_dir)
@@ -150,9 +149,9 @@ def test_chunked_logps_equal_full_cross_entropy_and_trl_kernel(monkeypatch, soft
     import torch.nn.functional as F
     from trl.kernels import ChunkedLogProbFunction
 
-    from ray_zephyr.train import losses
+    from ray_zephyr.train import scoring
 
-    monkeypatch.setattr(losses, "SCORE_CHUNK", 7)
+    monkeypatch.setattr(scoring, "SCORE_CHUNK", 7)
     torch.manual_seed(0)
     hidden = torch.randn(30, 16, dtype=torch.float64).float().requires_grad_()
     weight = (torch.randn(300, 16) * 0.3).requires_grad_()
@@ -173,7 +172,7 @@ def test_chunked_logps_equal_full_cross_entropy_and_trl_kernel(monkeypatch, soft
         if t is not None:
             t.grad = None
 
-    logps, entropy, is_top1, mean_logits = losses.ChunkedLogps.apply(hidden, weight, b, targets, softcap, True)
+    logps, entropy, is_top1, mean_logits = scoring.ChunkedLogps.apply(hidden, weight, b, targets, softcap, True)
     (logps * upstream).sum().backward()
     torch.testing.assert_close(logps, expected, atol=1e-5, rtol=1e-5)
     for ours, theirs in zip([t.grad for t in (hidden, weight, b) if t is not None], expected_grads, strict=True):

@@ -1,4 +1,4 @@
-"""Losses and metrics for dSFT and dDPO, numerically the same as TRL 1.16's trainers.
+"""Scoring tokens: log-probabilities (and token statistics) of chosen positions under a causal LM.
 
 `TokenScorer` wraps a causal LM so that one forward returns statistics only at the scored positions
 (assistant tokens for SFT, completion tokens for DPO): the LM head runs on those hidden states alone, so
@@ -12,10 +12,6 @@ batches (`attention_mask`) or padding-free ones (`train.padding_free`: every row
 restarting per row, `row_index` saying which row a token is in; see `padding_free.py`). The token statistics
 (entropy, top-1, mean logit: full-vocabulary work) are computed only when asked (logging steps, evaluation),
 from the same chunks, without gradients; the reference pass asks only for log-probs.
-
-Metric names follow TRL (`rewards/chosen`, `logps/chosen`, `mean_token_accuracy`, ...). Metrics are
-kept as sums plus counts (`MetricSums`) so they can be all-reduced across workers and accumulated
-over micro-batches, then divided once: the mean over the global batch, whatever the shard sizes.
 """
 
 from __future__ import annotations
@@ -26,8 +22,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -92,15 +86,13 @@ class HeadGather:
         self.hooked: set[int] = set()
 
     def open(self, params: list[nn.Parameter]) -> None:
-        trained = [p for p in params if p.requires_grad and hasattr(p, "ds_status")]
-        if self.context is not None or not trained:
+        if self.context is not None:
             return
-        import deepspeed
-        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
-        partitioned = [p for p in trained if p.ds_status != ZeroParamStatus.AVAILABLE]
+        partitioned = _partitioned([p for p in params if p.requires_grad])
         if not partitioned:
             return
+        import deepspeed
+
         self.context = deepspeed.zero.GatheredParameters(partitioned)
         self.context.__enter__()
         self.pending = {id(p) for p in partitioned}
@@ -121,14 +113,22 @@ def _gathered(*params: torch.Tensor | None):
     or when they are already gathered, as a head tied to the embeddings can be). The scorer reads the LM head's
     weight directly instead of calling the head module, so ZeRO-3's module hooks do not gather it. (TRL's
     `maybe_gather_lm_head_ctx` does the same for its chunked kernel; TRL is not a runtime dependency here.)"""
-    partitioned = {id(p): p for p in params if p is not None and hasattr(p, "ds_status")}
+    partitioned = _partitioned(list({id(p): p for p in params if p is not None}.values()))
     if not partitioned:
         return nullcontext()
     import deepspeed
+
+    return deepspeed.zero.GatheredParameters(partitioned)
+
+
+def _partitioned(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The ZeRO-3 parameters among `params` that are partitioned now (not gathered); none without ZeRO-3."""
+    zero3 = [p for p in params if hasattr(p, "ds_status")]
+    if not zero3:
+        return []
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
-    partitioned = [p for p in partitioned.values() if p.ds_status != ZeroParamStatus.AVAILABLE]
-    return deepspeed.zero.GatheredParameters(partitioned) if partitioned else nullcontext()
+    return [p for p in zero3 if p.ds_status != ZeroParamStatus.AVAILABLE]
 
 
 def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -202,116 +202,6 @@ class ChunkedLogps(torch.autograd.Function):
                 None if grad_bias is None else grad_bias.to(bias.dtype), None, None, None)
 
 
-class MetricSums:
-    """Named means kept as (sum, count) and plain totals, as tensors on `device` (no host sync per micro-batch);
-    `means` sums all of them across workers in one collective on one tensor, then reads them once."""
-
-    def __init__(self, device: torch.device | str = "cpu"):
-        self.device = torch.device(device)
-        self.sums: dict[str, list[torch.Tensor]] = {}
-        self.totals: dict[str, torch.Tensor] = {}
-
-    def _tensor(self, value: torch.Tensor | float) -> torch.Tensor:
-        return torch.as_tensor(value, device=self.device).detach().to(torch.float64)
-
-    def add(self, name: str, total: torch.Tensor | float, count: torch.Tensor | float) -> None:
-        s = self.sums.setdefault(name, [self._tensor(0.0), self._tensor(0.0)])
-        s[0] = s[0] + self._tensor(total)
-        s[1] = s[1] + self._tensor(count)
-
-    def count(self, name: str, value: torch.Tensor | float) -> None:
-        self.totals[name] = self.totals.get(name, self._tensor(0.0)) + self._tensor(value)
-
-    def means(self, all_reduce_sum=None) -> dict[str, float]:
-        """The means and totals; summed over workers first by `all_reduce_sum` (in place, on a tensor on
-        `device`) when given. One collective and one read to the host, however many metrics."""
-        means, totals = sorted(self.sums), sorted(self.totals)
-        parts = [t for n in means for t in self.sums[n]] + [self.totals[n] for n in totals]
-        if not parts:
-            return {}
-        stacked = torch.stack(parts)
-        flat = (all_reduce_sum(stacked) if all_reduce_sum else stacked).tolist()
-        out = {n: flat[2 * i] / flat[2 * i + 1] if flat[2 * i + 1] else 0.0 for i, n in enumerate(means)}
-        return out | dict(zip(totals, flat[2 * len(means) :], strict=True))
-
-
-def sft_loss(stats: TokenStats, token_total: torch.Tensor | float, metrics: MetricSums) -> torch.Tensor:
-    """Summed token NLL divided by the supervised-token count of the whole global batch (all workers, all
-    micro-batches), so every supervised token weighs the same however tokens fall across shards."""
-    loss = -stats.logps.sum() / torch.as_tensor(token_total, device=stats.logps.device).clamp(min=1)
-    n = stats.logps.numel()
-    metrics.add("loss", -stats.logps.detach().sum(), n)
-    if stats.entropy is not None:
-        metrics.add("entropy", stats.entropy.sum(), n)
-        metrics.add("mean_token_accuracy", stats.is_top1.sum(), n)
-    return loss
-
-
-def sft_score_mask(labels: torch.Tensor) -> torch.Tensor:
-    """Supervised positions of a labels tensor (-100 elsewhere), as a score mask for `TokenScorer`."""
-    return (labels != IGNORE_INDEX).long()
-
-
 def sequence_logps(stats: TokenStats, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed completion log-probs of a [chosen; rejected] batch, split into (chosen, rejected)."""
     return stats.per_row(stats.logps, rows).chunk(2)
-
-
-def dpo_loss(
-    chosen_logps: torch.Tensor,
-    rejected_logps: torch.Tensor,
-    ref_chosen_logps: torch.Tensor,
-    ref_rejected_logps: torch.Tensor,
-    completion_lengths: torch.Tensor,
-    beta: float,
-    loss_type: str,
-    label_smoothing: float = 0.0,
-) -> torch.Tensor:
-    """Per-pair DPO loss as TRL 1.16 computes it; `completion_lengths` are the [chosen; rejected] rows' completion
-    token counts (TRL's `completion_mask.sum(dim=1)`; used by IPO).
-
-    label_smoothing applies to sigmoid as conservative DPO (cDPO, as TRL < 1.0 did); 0 gives TRL 1.16's sigmoid.
-    """
-    chosen_logratios = chosen_logps - ref_chosen_logps
-    rejected_logratios = rejected_logps - ref_rejected_logps
-    delta = chosen_logratios - rejected_logratios
-    if loss_type == "sigmoid":
-        return -F.logsigmoid(beta * delta) * (1 - label_smoothing) - F.logsigmoid(-beta * delta) * label_smoothing
-    if loss_type == "hinge":
-        return torch.relu(1 - beta * delta)
-    if loss_type == "ipo":
-        # TRL normalises IPO's log-ratios by the completion length (confirmed with the IPO authors).
-        chosen_len, rejected_len = completion_lengths.clamp(min=1.0).chunk(2)
-        ipo_delta = chosen_logratios / chosen_len - rejected_logratios / rejected_len
-        return (ipo_delta - 1 / (2 * beta)) ** 2
-    raise ValueError(f"unknown DPO loss type {loss_type!r}")
-
-
-def dpo_metrics(
-    metrics: MetricSums,
-    stats: TokenStats,
-    per_pair_loss: torch.Tensor,
-    chosen_logps: torch.Tensor,
-    rejected_logps: torch.Tensor,
-    ref_chosen_logps: torch.Tensor,
-    ref_rejected_logps: torch.Tensor,
-    beta: float,
-) -> None:
-    """Add TRL's DPO metrics for one micro-batch (pair metrics per pair, token metrics per token)."""
-    pairs = chosen_logps.numel()
-    chosen_rewards = beta * (chosen_logps - ref_chosen_logps).detach()
-    rejected_rewards = beta * (rejected_logps - ref_rejected_logps).detach()
-    metrics.add("loss", per_pair_loss.detach().sum(), pairs)
-    metrics.add("rewards/chosen", chosen_rewards.sum(), pairs)
-    metrics.add("rewards/rejected", rejected_rewards.sum(), pairs)
-    metrics.add("rewards/accuracies", (chosen_rewards > rejected_rewards).float().sum(), pairs)
-    metrics.add("rewards/margins", (chosen_rewards - rejected_rewards).sum(), pairs)
-    metrics.add("logps/chosen", chosen_logps.detach().sum(), pairs)
-    metrics.add("logps/rejected", rejected_logps.detach().sum(), pairs)
-    if stats.entropy is None:
-        return
-    is_chosen = stats.row < pairs
-    metrics.add("entropy", stats.entropy.sum(), stats.row.numel())
-    metrics.add("logits/chosen", stats.mean_logits[is_chosen].sum(), is_chosen.sum())
-    metrics.add("logits/rejected", stats.mean_logits[~is_chosen].sum(), (~is_chosen).sum())
-    metrics.add("mean_token_accuracy", (stats.is_top1 & is_chosen).sum(), is_chosen.sum())

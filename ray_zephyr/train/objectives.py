@@ -1,0 +1,208 @@
+"""The objectives, dSFT and dDPO (sigmoid, IPO, hinge, cDPO label smoothing, RPO), numerically TRL 1.16's.
+
+An objective says how to collate rows, what its loss is a mean over (`loss_denominator`: supervised tokens
+for SFT, pairs for DPO) and the loss itself; `step.train_step` does the rest. Metric names follow TRL
+(`rewards/chosen`, `logps/chosen`, `mean_token_accuracy`, ...). Metrics are kept as sums plus counts
+(`MetricSums`) so they can be all-reduced across workers and accumulated over micro-batches, then divided
+once: the mean over the global batch, whatever the shard sizes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ray_zephyr.config import Recipe
+from ray_zephyr.data.collate import collate_preference, collate_sft
+from ray_zephyr.train.padding_free import model_inputs, pack
+from ray_zephyr.train.scoring import TokenStats, sequence_logps
+
+IGNORE_INDEX = -100
+
+
+class MetricSums:
+    """Named means kept as (sum, count) and plain totals, as tensors on `device` (no host sync per micro-batch);
+    `means` sums all of them across workers in one collective on one tensor, then reads them once."""
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.sums: dict[str, list[torch.Tensor]] = {}
+        self.totals: dict[str, torch.Tensor] = {}
+
+    def _tensor(self, value: torch.Tensor | float) -> torch.Tensor:
+        return torch.as_tensor(value, device=self.device).detach().to(torch.float64)
+
+    def add(self, name: str, total: torch.Tensor | float, count: torch.Tensor | float) -> None:
+        s = self.sums.setdefault(name, [self._tensor(0.0), self._tensor(0.0)])
+        s[0] = s[0] + self._tensor(total)
+        s[1] = s[1] + self._tensor(count)
+
+    def count(self, name: str, value: torch.Tensor | float) -> None:
+        self.totals[name] = self.totals.get(name, self._tensor(0.0)) + self._tensor(value)
+
+    def means(self, all_reduce_sum=None) -> dict[str, float]:
+        """The means and totals; summed over workers first by `all_reduce_sum` (in place, on a tensor on
+        `device`) when given. One collective and one read to the host, however many metrics."""
+        means, totals = sorted(self.sums), sorted(self.totals)
+        parts = [t for n in means for t in self.sums[n]] + [self.totals[n] for n in totals]
+        if not parts:
+            return {}
+        stacked = torch.stack(parts)
+        flat = (all_reduce_sum(stacked) if all_reduce_sum else stacked).tolist()
+        out = {n: flat[2 * i] / flat[2 * i + 1] if flat[2 * i + 1] else 0.0 for i, n in enumerate(means)}
+        return out | dict(zip(totals, flat[2 * len(means) :], strict=True))
+
+
+def sft_loss(stats: TokenStats, token_total: torch.Tensor | float, metrics: MetricSums) -> torch.Tensor:
+    """Summed token NLL divided by the supervised-token count of the whole global batch (all workers, all
+    micro-batches), so every supervised token weighs the same however tokens fall across shards."""
+    loss = -stats.logps.sum() / torch.as_tensor(token_total, device=stats.logps.device).clamp(min=1)
+    n = stats.logps.numel()
+    metrics.add("loss", -stats.logps.detach().sum(), n)
+    if stats.entropy is not None:
+        metrics.add("entropy", stats.entropy.sum(), n)
+        metrics.add("mean_token_accuracy", stats.is_top1.sum(), n)
+    return loss
+
+
+def sft_score_mask(labels: torch.Tensor) -> torch.Tensor:
+    """Supervised positions of a labels tensor (-100 elsewhere), as a score mask for `TokenScorer`."""
+    return (labels != IGNORE_INDEX).long()
+
+
+def dpo_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    completion_lengths: torch.Tensor,
+    beta: float,
+    loss_type: str,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """Per-pair DPO loss as TRL 1.16 computes it; `completion_lengths` are the [chosen; rejected] rows' completion
+    token counts (TRL's `completion_mask.sum(dim=1)`; used by IPO).
+
+    label_smoothing applies to sigmoid as conservative DPO (cDPO, as TRL < 1.0 did); 0 gives TRL 1.16's sigmoid.
+    """
+    chosen_logratios = chosen_logps - ref_chosen_logps
+    rejected_logratios = rejected_logps - ref_rejected_logps
+    delta = chosen_logratios - rejected_logratios
+    if loss_type == "sigmoid":
+        return -F.logsigmoid(beta * delta) * (1 - label_smoothing) - F.logsigmoid(-beta * delta) * label_smoothing
+    if loss_type == "hinge":
+        return torch.relu(1 - beta * delta)
+    if loss_type == "ipo":
+        # TRL normalises IPO's log-ratios by the completion length (confirmed with the IPO authors).
+        chosen_len, rejected_len = completion_lengths.clamp(min=1.0).chunk(2)
+        ipo_delta = chosen_logratios / chosen_len - rejected_logratios / rejected_len
+        return (ipo_delta - 1 / (2 * beta)) ** 2
+    raise ValueError(f"unknown DPO loss type {loss_type!r}")
+
+
+def dpo_metrics(
+    metrics: MetricSums,
+    stats: TokenStats,
+    per_pair_loss: torch.Tensor,
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+) -> None:
+    """Add TRL's DPO metrics for one micro-batch (pair metrics per pair, token metrics per token)."""
+    pairs = chosen_logps.numel()
+    chosen_rewards = beta * (chosen_logps - ref_chosen_logps).detach()
+    rejected_rewards = beta * (rejected_logps - ref_rejected_logps).detach()
+    metrics.add("loss", per_pair_loss.detach().sum(), pairs)
+    metrics.add("rewards/chosen", chosen_rewards.sum(), pairs)
+    metrics.add("rewards/rejected", rejected_rewards.sum(), pairs)
+    metrics.add("rewards/accuracies", (chosen_rewards > rejected_rewards).float().sum(), pairs)
+    metrics.add("rewards/margins", (chosen_rewards - rejected_rewards).sum(), pairs)
+    metrics.add("logps/chosen", chosen_logps.detach().sum(), pairs)
+    metrics.add("logps/rejected", rejected_logps.detach().sum(), pairs)
+    if stats.entropy is None:
+        return
+    is_chosen = stats.row < pairs
+    metrics.add("entropy", stats.entropy.sum(), stats.row.numel())
+    metrics.add("logits/chosen", stats.mean_logits[is_chosen].sum(), is_chosen.sum())
+    metrics.add("logits/rejected", stats.mean_logits[~is_chosen].sum(), (~is_chosen).sum())
+    metrics.add("mean_token_accuracy", (stats.is_top1 & is_chosen).sum(), is_chosen.sum())
+
+
+class SFTObjective:
+    """Next-token loss on the supervised (assistant) tokens, a mean over the global batch's tokens."""
+
+    def __init__(self, recipe: Recipe, pad_token_id: int):
+        self.pad_token_id, self.padding_free = pad_token_id, recipe.train.padding_free
+
+    def collate(self, rows: dict) -> dict[str, torch.Tensor]:
+        batch = collate_sft(rows, self.pad_token_id)
+        batch["score_mask"] = sft_score_mask(batch.pop("labels"))
+        batch["lengths"] = batch["attention_mask"].sum(1)
+        return pack(batch, "score_mask") if self.padding_free else batch
+
+    def loss_denominator(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Scored tokens (each predicted from the previous one)."""
+        return batch["score_mask"][:, 1:].sum()
+
+    def samples(self, batch: dict[str, torch.Tensor]) -> int:
+        return len(batch["lengths"])
+
+    def loss(self, model, batch: dict[str, torch.Tensor], denominator: torch.Tensor, metrics: MetricSums,
+             token_stats: bool = True) -> torch.Tensor:
+        stats = model(**model_inputs(batch, "score_mask"), token_stats=token_stats)
+        return sft_loss(stats, denominator, metrics)
+
+
+class DPOObjective:
+    """DPO over [chosen; rejected] batches, a mean over the global batch's pairs. The reference log-probs come
+    from the rows (precomputed) or from a resident frozen engine."""
+
+    def __init__(self, recipe: Recipe, pad_token_id: int, reference=None):
+        self.pad_token_id, self.data, self.dpo, self.reference = pad_token_id, recipe.data, recipe.dpo, reference
+        self.padding_free = recipe.train.padding_free
+
+    def collate(self, rows: dict) -> dict[str, torch.Tensor]:
+        batch = collate_preference(rows, self.pad_token_id, self.data.max_length, self.data.truncation_mode)
+        batch["lengths"] = batch["attention_mask"].sum(1)
+        batch["completion_lengths"] = batch["completion_mask"].sum(1)
+        return pack(batch, "completion_mask") if self.padding_free else batch
+
+    def samples(self, batch: dict[str, torch.Tensor]) -> int:
+        return len(batch["lengths"]) // 2
+
+    def loss_denominator(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Pairs."""
+        return torch.tensor(self.samples(batch), device=batch["input_ids"].device)
+
+    def reference_logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.reference is None:
+            return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+        with torch.no_grad():
+            stats = self.reference(**model_inputs(batch, "completion_mask"), token_stats=False)
+            return sequence_logps(stats, len(batch["lengths"]))
+
+    def loss(self, model, batch: dict[str, torch.Tensor], denominator: torch.Tensor, metrics: MetricSums,
+             token_stats: bool = True) -> torch.Tensor:
+        stats = model(**model_inputs(batch, "completion_mask"), token_stats=token_stats)
+        chosen, rejected = sequence_logps(stats, len(batch["lengths"]))
+        ref_chosen, ref_rejected = self.reference_logps(batch)
+        beta = self.dpo.beta
+        per_pair = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, batch["completion_lengths"], beta,
+                            self.dpo.loss_type, self.dpo.label_smoothing)
+        if self.dpo.rpo_alpha:
+            # RPO (Pang et al., 2024): DPO alone can lower the likelihood of the chosen answers too; a mean token
+            # NLL on each chosen answer keeps them likely (TRL: loss_type [sigmoid, sft] with loss weights).
+            chosen_tokens, _ = stats.per_row(torch.ones_like(stats.logps), len(batch["lengths"])).chunk(2)
+            nll = -chosen / chosen_tokens.clamp(min=1)
+            metrics.add("nll_loss", nll.detach().sum(), len(nll))
+            per_pair = per_pair + self.dpo.rpo_alpha * nll
+        dpo_metrics(metrics, stats, per_pair, chosen, rejected, ref_chosen, ref_rejected, beta)
+        return per_pair.sum() / denominator
+
+
+def make_objective(recipe: Recipe, pad_token_id: int, reference=None):
+    if recipe.stage == "sft":
+        return SFTObjective(recipe, pad_token_id)
+    return DPOObjective(recipe, pad_token_id, reference)
