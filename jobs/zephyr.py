@@ -44,7 +44,7 @@ def parse_args(argv=None):
 def load_recipes(args):
     """All recipes, validated before anything runs: the dSFT model this run writes answers the AIF prompts and
     is dDPO's start; dDPO trains on the AIF pairs (unless `dpo.data.train` says otherwise)."""
-    from ray_zephyr.aif.config import load_aif_recipe
+    from ray_zephyr.aif.config import AIFRecipe
     from ray_zephyr.config import load_recipe
 
     out = Path(args.out).resolve()
@@ -57,8 +57,8 @@ def load_recipes(args):
             elif stage not in per_stage and name != "aif":
                 overrides.append(override)
     sft = load_recipe(args.sft, [*per_stage["sft"], f"train.output_dir={out / 'sft'}"])
-    aif = load_aif_recipe(args.aif, [*per_stage["aif"], f"generators.0.model={out / 'sft' / 'model'}",
-                                     f"output_dir={out / 'aif'}"])
+    aif = load_recipe(args.aif, [*per_stage["aif"], f"generators.0.model={out / 'sft' / 'model'}",
+                                 f"output_dir={out / 'aif'}"], AIFRecipe)
     dpo = load_recipe(args.dpo, [f"data.train=[{{path: {out / 'aif' / 'pairs.parquet'}}}]", *per_stage["dpo"],
                                  f"train.output_dir={out / 'dpo'}", f"model.name_or_path={out / 'sft' / 'model'}"])
     return out, sft, aif, dpo
@@ -129,8 +129,8 @@ def served_chats(model_dir: Path, prompts: list[str], own_ray: bool) -> list[tup
     from openai import OpenAI
     from ray import serve
 
+    from ray_zephyr.serving.app import build_app
     from ray_zephyr.serving.settings import ServeSettings
-    from serve.app import build_app
 
     key = secrets.token_hex(16)
     settings = ServeSettings(model=str(model_dir), model_name=SERVED_NAME, engine="transformers", api_key=key,
@@ -238,7 +238,7 @@ def main(argv=None) -> None:
         from tqdm import tqdm
 
         from ray_zephyr.aif.run import run_aif
-        from ray_zephyr.evaluate import evaluate_preferences
+        from ray_zephyr.evaluation.preference_accuracy import evaluate_preferences
         from ray_zephyr.report import plot_curves, read_metrics
         from ray_zephyr.runtime import init_ray
 

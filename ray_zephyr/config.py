@@ -1,7 +1,8 @@
 """Recipes: YAML files plus `key=value` overrides, validated into typed sections.
 
-A recipe is found by path, or by name among the recipes shipped in `ray_zephyr/recipes/` (so it works
-from an installed package and from a checkout sent with `ray job submit --working-dir`).
+A recipe is found by path, or by name among the recipes shipped in `ray_zephyr/recipes/` (training; AIF and
+evaluation recipes in its `aif/` and `eval/` folders), so it works from an installed package and from a
+checkout sent with `ray job submit --working-dir`.
 Unknown keys and wrong types are one-line errors that name the key and the valid choices.
 """
 
@@ -10,9 +11,10 @@ from __future__ import annotations
 import difflib
 import re
 import typing
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
 from pydantic import (
@@ -27,11 +29,16 @@ from pydantic import (
 from ray_zephyr.errors import UserError
 
 
-class _Section(BaseModel):
+class StrictSection(BaseModel):
+    """The base of every recipe section, of every kind of recipe (training, AIF, evaluation): an unknown key or a
+    wrong type is an error, not ignored or coerced, and a loaded recipe cannot be changed."""
+
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    # for a kind of recipe (its top-level section): where its shipped recipes live under recipes/ ("": there)
+    shipped_folder: ClassVar[str] = ""
 
 
-class SourceConfig(_Section):
+class SourceConfig(StrictSection):
     """One input of a data mixture."""
 
     path: str  # hub dataset id, local file or folder (jsonl/json/parquet), or "embedded"
@@ -51,7 +58,7 @@ class SourceConfig(_Section):
         return self
 
 
-class DataConfig(_Section):
+class DataConfig(StrictSection):
     train: list[SourceConfig]
     eval: list[SourceConfig] = []
     eval_fraction: float = 0.0  # rows of the train sources held out for eval (deterministic by seed)
@@ -86,7 +93,7 @@ class DataConfig(_Section):
         return str(value).lower() if isinstance(value, bool) else value
 
 
-class LoraConfig(_Section):
+class LoraConfig(StrictSection):
     """A LoRA adapter trained instead of the whole model (peft; `pip install ray-zephyr[lora]`)."""
 
     r: int = Field(16, ge=1)
@@ -97,7 +104,7 @@ class LoraConfig(_Section):
     merge: bool = False  # also write <output_dir>/merged: the starting model with the adapter merged in
 
 
-class ModelConfig(_Section):
+class ModelConfig(StrictSection):
     name_or_path: str  # hub id, local folder (a model, or a LoRA adapter: merged into its base), or "embedded"
     tokenizer: str | None = None  # defaults to name_or_path
     revision: str | None = None
@@ -114,7 +121,7 @@ class ModelConfig(_Section):
         return self
 
 
-class TrainConfig(_Section):
+class TrainConfig(StrictSection):
     output_dir: str  # model, metrics, sample audit: a local folder, or a URI (s3://, gs://, abfss://, ...)
     storage_path: str | None = None  # Ray Train checkpoints: local folder or URI; default output_dir/ray
     shared_filesystem: bool = False  # a local output_dir is mounted on every node (e.g. KubeRay's shared volume)
@@ -147,7 +154,7 @@ class TrainConfig(_Section):
     max_failures: int = Field(3, ge=0)
 
 
-class DPOConfig(_Section):
+class DPOConfig(StrictSection):
     beta: float = Field(0.1, gt=0)
     loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # conservative DPO (sigmoid only)
@@ -155,7 +162,7 @@ class DPOConfig(_Section):
     rpo_alpha: float = Field(0.0, ge=0)  # weight of an NLL term on the chosen answers (RPO); 0 = plain DPO
 
 
-class Recipe(_Section):
+class Recipe(StrictSection):
     stage: Literal["sft", "dpo"]
     seed: int = 42
     model: ModelConfig
@@ -188,29 +195,34 @@ def _yaml(text: str):
 
 
 RECIPES_DIR = resources.files("ray_zephyr") / "recipes"
+RecipeKind = TypeVar("RecipeKind", bound=StrictSection)  # a kind of recipe: Recipe, AIFRecipe, EvalRecipe
 
 
-def shipped_recipes() -> list[str]:
-    return sorted(p.name.removesuffix(".yaml") for p in RECIPES_DIR.iterdir() if p.name.endswith(".yaml"))
+def _shipped_dir(kind: type[StrictSection]):
+    return RECIPES_DIR / kind.shipped_folder if kind.shipped_folder else RECIPES_DIR
 
 
-def recipe_file(name_or_path: str) -> Path:
-    """A recipe path as given, else a shipped recipe by name."""
+def shipped_recipes(kind: type[StrictSection] = Recipe) -> list[str]:
+    return sorted(p.name.removesuffix(".yaml") for p in _shipped_dir(kind).iterdir() if p.name.endswith(".yaml"))
+
+
+def recipe_file(name_or_path: str, kind: type[StrictSection] = Recipe) -> Path:
+    """A recipe path as given, else a shipped recipe of this kind by name."""
     path = Path(name_or_path)
     if path.is_file():
         return path
-    shipped = RECIPES_DIR / f"{name_or_path.removesuffix('.yaml')}.yaml"
+    shipped = _shipped_dir(kind) / f"{name_or_path.removesuffix('.yaml')}.yaml"
     if shipped.is_file():
         return Path(str(shipped))
-    raise UserError(f"recipe {name_or_path!r} not found: not a file, and not one of {', '.join(shipped_recipes())}")
+    label = f"{kind.shipped_folder} recipe" if kind.shipped_folder else "recipe"
+    names = ", ".join(shipped_recipes(kind))
+    raise UserError(f"{label} {name_or_path!r} not found: not a file, and not one of {names}")
 
 
-def load_recipe(name_or_path: str, overrides: list[str] = ()) -> Recipe:
-    return load_config(recipe_file(name_or_path), overrides, Recipe)
-
-
-def load_config(path: Path, overrides: list[str], model: type[BaseModel]) -> Any:
-    """Read a YAML file, apply `key=value` overrides and validate it into `model` (recipes and job configs alike)."""
+def load_recipe(name_or_path: str, overrides: Sequence[str] = (), kind: type[RecipeKind] = Recipe) -> RecipeKind:
+    """The one loader of every kind of recipe (training `Recipe`, `AIFRecipe`, `EvalRecipe`): a file or a shipped
+    name, `key=value` overrides applied to the YAML, validated into `kind`."""
+    path = recipe_file(name_or_path, kind)
     try:
         raw = _yaml(path.read_text())
     except yaml.YAMLError as exc:
@@ -219,7 +231,7 @@ def load_config(path: Path, overrides: list[str], model: type[BaseModel]) -> Any
         raise UserError(f"recipe {path}: expected a mapping of sections, got {type(raw).__name__}")
     for override in overrides:
         apply_override(raw, override)
-    return validate_recipe(raw, source=str(path), model=model)
+    return validate_recipe(raw, source=str(path), kind=kind)
 
 
 def apply_override(raw: dict, override: str) -> None:
@@ -252,11 +264,11 @@ def apply_override(raw: dict, override: str) -> None:
         raise UserError(f"override {key!r}: cannot set {last!r} inside a {type(node).__name__}")
 
 
-def validate_recipe(raw: dict, source: str = "recipe", model: type[BaseModel] = Recipe) -> Any:
+def validate_recipe(raw: dict, source: str = "recipe", kind: type[RecipeKind] = Recipe) -> RecipeKind:
     try:
-        return model.model_validate(raw)
+        return kind.model_validate(raw)
     except ValidationError as exc:
-        raise UserError(f"{source}: {_describe(exc.errors()[0], model)}") from None
+        raise UserError(f"{source}: {_describe(exc.errors()[0], kind)}") from None
 
 
 def _describe(error: dict, root: type[BaseModel] = Recipe) -> str:

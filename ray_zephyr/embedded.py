@@ -83,12 +83,12 @@ def right_answer(question: str) -> str | None:
 
 
 def verify(prompt: list[dict], completion: str) -> float:
-    """The task's programmatic judge (AIF `judge.function: ray_zephyr.embedded:verify`): 1 if right, else 0."""
+    """The task's judge (AIF `judge: {kind: function, function: ray_zephyr.embedded:verify}`): 1 if right, else 0."""
     return float(completion.strip() == right_answer(prompt[-1]["content"]))
 
 
 def teacher(prompt: list[dict], n: int, seed: int) -> list[str]:
-    """The task's teacher as an AIF generator (`engine: function`): the right answer at TEACHER_ACCURACY, else a
+    """The task's teacher as an AIF generator (`kind: function`): the right answer at TEACHER_ACCURACY, else a
     near miss, like the answers in the SFT chats."""
     rng = random.Random(seed)
     answers, parts = _answers(prompt[-1]["content"])

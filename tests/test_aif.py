@@ -13,15 +13,12 @@ import pytest
 from judge_stub import StubJudge, last_user_text
 
 from ray_zephyr.aif.binarize import Pair, binarize
-from ray_zephyr.aif.config import (
-    AIFRecipe,
-    EndpointConfig,
-    JudgeConfig,
-    load_aif_recipe,
-)
+from ray_zephyr.aif.config import AIFRecipe, JudgeConfig
 from ray_zephyr.aif.judge import Judge
 from ray_zephyr.aif.ratings import Rating, parse_rating
+from ray_zephyr.config import load_recipe
 from ray_zephyr.errors import UserError
+from ray_zephyr.llm.config import EndpointConfig
 from ray_zephyr.runtime import free_ports
 
 GOOD = "Instruction following: {a}\nTruthfulness: {a}\nHonesty: 5\nHelpfulness: {a}\nOverall: {o}"
@@ -128,31 +125,36 @@ def test_bad_answers_timeouts_and_5xx_are_retried_then_counted(judge_server, tmp
                              "unparseable_out_of_range_instruction_following": 1, "judge_http_503": 1, "judge_timeout": 1}
 
 
-def test_programmatic_judge_is_the_task_verifier():
+def test_function_judge_is_the_task_verifier():
     from ray_zephyr.embedded import verify
 
-    judge = Judge(JudgeConfig(kind="programmatic", function="ray_zephyr.embedded:verify"))
+    judge = Judge(JudgeConfig(kind="function", function="ray_zephyr.embedded:verify"))
     prompt = [{"role": "user", "content": "What is 3 plus 4?"}]
     judged = judge.rate_all([(prompt, "3 plus 4 is 7."), (prompt, "3 plus 4 is 8."), (prompt, "plus 1 is.")])
     assert [r.overall for r, _ in judged] == [1.0, 0.0, 0.0] == [verify(prompt, a) for a in
                                                                  ("3 plus 4 is 7.", "3 plus 4 is 8.", "plus 1 is.")]
     with pytest.raises(UserError, match="no_such_module"):
-        Judge(JudgeConfig(kind="programmatic", function="no_such_module:f"))
+        Judge(JudgeConfig(kind="function", function="no_such_module:f"))
 
 
 def test_recipe_errors_are_one_line():
+    def load(name: str, *overrides: str) -> AIFRecipe:
+        return load_recipe(name, overrides, AIFRecipe)
+
     with pytest.raises(UserError, match=r"unknown key 'judge.functon' \(did you mean 'function'\?\)"):
-        load_aif_recipe("tiny-aif", ["judge.functon=x"])
-    with pytest.raises(UserError, match="engine openai needs an endpoint"):
-        load_aif_recipe("tiny-aif", ["generators.0.engine=openai"])
+        load("tiny-aif", "judge.functon=x")
+    with pytest.raises(UserError, match="kind openai needs an endpoint"):
+        load("tiny-aif", "generators.0.kind=openai")
     with pytest.raises(UserError, match="engine vllm on CPU .num_gpus 0. needs a vLLM CPU build and vllm_engine_args"):
-        load_aif_recipe("tiny-aif", ["generators.0.engine=vllm"])
+        load("tiny-aif", "generators.0.kind=vllm")
     with pytest.raises(UserError, match="ask for 2 GPUs .* but num_gpus is 1.0: set num_gpus: 2"):
-        load_aif_recipe("ultrafeedback-gpt4", ["generators.0.vllm_engine_args={tensor_parallel_size: 2}"])
-    with pytest.raises(UserError, match="vllm_engine_args are for engine vllm, not transformers"):
-        load_aif_recipe("tiny-aif", ["generators.0.vllm_engine_args={enforce_eager: true}"])
-    assert load_aif_recipe("tiny-aif").judge.function == "ray_zephyr.embedded:verify"
-    assert load_aif_recipe("ultrafeedback-gpt4").binarize == "argilla"
+        load("ultrafeedback-gpt4", "generators.0.vllm_engine_args={tensor_parallel_size: 2}")
+    with pytest.raises(UserError, match="vllm_engine_args are for kind vllm, not transformers"):
+        load("tiny-aif", "generators.0.vllm_engine_args={enforce_eager: true}")
+    with pytest.raises(UserError, match="aif recipe 'mt-bench-gpt4' not found: not a file, and not one of tiny-aif, "):
+        load("mt-bench-gpt4")  # each kind of recipe is found among its own shipped ones
+    assert load("tiny-aif").judge.function == "ray_zephyr.embedded:verify"
+    assert load("ultrafeedback-gpt4").binarize == "argilla"
 
 
 def test_prompts_of_each_shape_come_through_the_data_layer_and_bad_rows_name_file_and_row(tmp_path):
@@ -195,8 +197,8 @@ def test_prompts_of_each_shape_come_through_the_data_layer_and_bad_rows_name_fil
 def serve_url(ray_session, embedded_model_dir):
     from ray import serve
 
+    from ray_zephyr.serving.app import build_app
     from ray_zephyr.serving.settings import ServeSettings
-    from serve.app import build_app
 
     port = free_ports()[0]
     settings = ServeSettings(model=str(embedded_model_dir), model_name="tiny", engine="transformers", num_gpus=0,
@@ -217,11 +219,11 @@ def test_aif_job_generates_judges_binarizes_and_resumes_from_the_cache(judge_ser
     recipe = AIFRecipe.model_validate({
         "prompts": [{"path": "embedded", "split": "train", "rows": 6}],
         "generators": [
-            {"name": "local", "engine": "transformers", "model": str(embedded_model_dir), "n": 2, "max_tokens": 8,
+            {"name": "local", "kind": "transformers", "model": str(embedded_model_dir), "n": 2, "max_tokens": 8,
              "batch_size": 3},
-            {"name": "served", "engine": "openai", "n": 1, "max_tokens": 8,
+            {"name": "served", "kind": "openai", "n": 1, "max_tokens": 8,
              "endpoint": {"base_url": serve_url, "model": "tiny", "max_concurrency": 4}},
-            {"name": "teacher", "engine": "function", "function": "ray_zephyr.embedded:teacher", "n": 1},
+            {"name": "teacher", "kind": "function", "function": "ray_zephyr.embedded:teacher", "n": 1},
         ],
         "judge": {"kind": "llm", "endpoint": _endpoint(judge_server).model_dump()},
         "binarize": "zephyr",

@@ -80,6 +80,24 @@ def test_unknown_recipe_lists_the_shipped_ones():
         load_recipe("tiny-sfx")
 
 
+def test_one_loader_and_one_command_line_for_every_kind_of_recipe():
+    from ray_zephyr.aif.config import AIFRecipe
+    from ray_zephyr.cli import parse_recipe_args
+    from ray_zephyr.evaluation.config import EvalRecipe
+
+    assert shipped_recipes(AIFRecipe) == ["tiny-aif", "ultrafeedback-gpt4"]
+    assert shipped_recipes(EvalRecipe) == ["mt-bench-gpt4"]
+    aif = load_recipe("tiny-aif", ["generators.0.n=8"], AIFRecipe)
+    assert isinstance(aif, AIFRecipe) and aif.generators[0].n == 8
+    evaluation, _ = parse_recipe_args("eval", ["--config", "mt-bench-gpt4", "candidate.model=outputs/x/model"],
+                                      kind=EvalRecipe)
+    assert isinstance(evaluation, EvalRecipe) and evaluation.candidate.model == "outputs/x/model"
+    with pytest.raises(UserError, match=r"eval recipe 'tiny-sft' not found: not a file, and not one of mt-bench-gpt4$"):
+        load_recipe("tiny-sft", kind=EvalRecipe)
+    with pytest.raises(UserError, match=r"unknown key 'candidate.modle' \(did you mean 'model'\?\)"):
+        load_recipe("mt-bench-gpt4", ["candidate.modle=x"], EvalRecipe)
+
+
 def test_cli_prints_one_line_error_and_exits_2():
     result = subprocess.run(
         [sys.executable, "jobs/preview.py", "--config", "tiny-sft", "train.lrr=1"],

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from judge_stub import StubJudge, last_user_text
 
+from ray_zephyr.config import load_recipe
 from ray_zephyr.errors import UserError
 from ray_zephyr.evaluation.alpaca_eval import length_controlled_win_rate
-from ray_zephyr.evaluation.config import EvalRecipe, load_eval_recipe
+from ray_zephyr.evaluation.config import EvalRecipe
 from ray_zephyr.evaluation.judging import load_judge_prompts, parse_score, parse_verdict
 
 QUESTIONS = [
@@ -45,7 +46,7 @@ def stub():
 def _recipe(stub: StubJudge, tmp_path, **sections) -> EvalRecipe:
     endpoint = {"base_url": stub.base_url, "max_concurrency": 4, "timeout_s": 10, "max_retries": 1}
     return EvalRecipe.model_validate({
-        "model": {"name": "under-test", "engine": "openai", "endpoint": endpoint | {"model": "under-test"},
+        "candidate": {"name": "under-test", "kind": "openai", "endpoint": endpoint | {"model": "under-test"},
                   "temperature": 0.5, "max_tokens": 16},
         "judge": endpoint | {"model": "gpt-stub"}, "output_dir": str(tmp_path / "eval"), **sections})
 
@@ -114,7 +115,7 @@ def test_verdict_parsing_and_judge_prompt_files(tmp_path):
     with pytest.raises(ValueError, match="conflicting_verdicts"):
         parse_verdict("[[A]] or [[B]]")
     assert set(load_judge_prompts(None, ("single-v1", "pair-v2"))) >= {"single-math-v1-multi-turn"}
-    assert load_eval_recipe("mt-bench-gpt4").mt_bench.questions == "HuggingFaceH4/mt_bench_prompts"
+    assert load_recipe("mt-bench-gpt4", kind=EvalRecipe).mt_bench.questions == "HuggingFaceH4/mt_bench_prompts"
     broken = tmp_path / "judge_prompts.jsonl"
     broken.write_text(json.dumps({"name": "single-v1", "system_prompt": "x"}) + "\n")
     with pytest.raises(UserError, match=r"row 0: missing field 'prompt_template'"):

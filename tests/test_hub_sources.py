@@ -143,8 +143,8 @@ def test_aif_job_takes_its_prompts_from_the_hub(ray_session, at_hub, tmp_path):
 
     recipe = AIFRecipe.model_validate({
         "prompts": [{"path": ULTRAFEEDBACK, "split": "train_prefs"}],
-        "generators": [{"name": "teacher", "engine": "function", "function": "ray_zephyr.embedded:teacher", "n": 2}],
-        "judge": {"kind": "programmatic", "function": "ray_zephyr.embedded:verify"},
+        "generators": [{"name": "teacher", "kind": "function", "function": "ray_zephyr.embedded:teacher", "n": 2}],
+        "judge": {"kind": "function", "function": "ray_zephyr.embedded:verify"},
         "output_dir": str(tmp_path / "aif"),
     })
     summary = run_aif(recipe)

@@ -1,4 +1,4 @@
-"""AI-feedback generation with `engine: vllm`, run on CPU by vLLM's CPU build, through the real job.
+"""AI-feedback generation with a generator of `kind: vllm`, run on CPU by vLLM's CPU build, through the real job.
 
 Like tests/test_vllm_serve.py (whose import skips, or fails under .ci/vllm-check, without vLLM), these run
 only in `.ci/vllm-check`'s virtualenv. The generator is our serving stack's vLLM engine in a Ray Data actor
@@ -31,13 +31,13 @@ def test_aif_job_generates_with_vllm_on_cpu(ray_session, vllm_model_dir, tmp_pat
     recipe = AIFRecipe.model_validate({
         "prompts": [{"path": "embedded", "split": "train", "rows": 6}, {"path": str(long_prompt)}],
         "generators": [
-            {"name": "vllm", "engine": "vllm", "model": str(vllm_model_dir), "n": 3, "max_tokens": MAX_TOKENS,
+            {"name": "vllm", "kind": "vllm", "model": str(vllm_model_dir), "n": 3, "max_tokens": MAX_TOKENS,
              "temperature": 1.0, "batch_size": 4, "num_gpus": 0,
              "vllm_engine_args": {"kv_cache_memory_bytes": 128 << 20, "max_model_len": MAX_MODEL_LEN,
                                   **ENGINE_ARGS}},
-            {"name": "teacher", "engine": "function", "function": "ray_zephyr.embedded:teacher", "n": 1},
+            {"name": "teacher", "kind": "function", "function": "ray_zephyr.embedded:teacher", "n": 1},
         ],
-        "judge": {"kind": "programmatic", "function": "ray_zephyr.embedded:verify"},
+        "judge": {"kind": "function", "function": "ray_zephyr.embedded:verify"},
         "binarize": "zephyr",
         "output_dir": str(tmp_path / "aif"),
     })

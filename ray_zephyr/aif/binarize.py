@@ -13,7 +13,6 @@ import random
 from dataclasses import dataclass
 
 from ray_zephyr.aif.ratings import Rating
-from ray_zephyr.seeding import seeded_rng
 
 
 @dataclass(frozen=True)
@@ -24,13 +23,9 @@ class Pair:
     score_rejected: float
 
 
-def prompt_rng(seed: int, prompt_id: str) -> random.Random:
-    """A draw that depends only on the seed and the prompt, not on the order prompts were processed in."""
-    return seeded_rng(seed, prompt_id)
-
-
 def binarize(ratings: list[Rating | None], method: str, rng: random.Random) -> Pair | str:
-    """The pair for one prompt's completions (None: unrated), or the reason there is none."""
+    """The pair for one prompt's completions (None: unrated), or the reason there is none. `rng` is the prompt's
+    own (`seeded_rng(seed, prompt_id)`), so the draw does not depend on the order prompts were processed in."""
     rated = [(i, r) for i, r in enumerate(ratings) if r is not None]
     if len(rated) < 2:
         return "fewer_than_2_rated"

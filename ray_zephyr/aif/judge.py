@@ -1,39 +1,29 @@
-"""Rating every completion: an LLM teacher through `ChatClient`, or a Python callable for checkable tasks.
+"""Rating every completion: an LLM teacher through `ChatClient`, or a Python function for checkable tasks.
 
 An answer that cannot be parsed is asked again (`parse_retries` times, each a new cached request, see
-`ChatClient.ask`) and then counted by reason; a call that fails after the client's retries is counted by its failure. A completion
-without a rating is never given a score.
+`ChatClient.ask`) and then counted by reason; a call that fails after the client's retries is counted by its
+failure. A completion without a rating is never given a score.
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib
 from collections import Counter
-from collections.abc import Callable
 
 from tqdm.auto import tqdm
 
-from ray_zephyr.aif.cache import ResponseCache
-from ray_zephyr.aif.client import CallStats, ChatClient, Unparseable
 from ray_zephyr.aif.config import JudgeConfig
 from ray_zephyr.aif.ratings import (
     Rating,
-    judge_messages,
+    function_rating,
     parse_rating,
-    programmatic_rating,
+    rating_messages,
 )
-from ray_zephyr.errors import UserError
+from ray_zephyr.llm.cache import ResponseCache
+from ray_zephyr.llm.client import CallStats, ChatClient, Unparseable
+from ray_zephyr.llm.functions import load_function
 
 Judged = tuple[Rating | None, str | None]  # a rating, or why there is none
-
-
-def load_function(spec: str) -> Callable:
-    module_name, _, name = spec.partition(":")
-    try:
-        return getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError) as exc:
-        raise UserError(f"judge function {spec!r} cannot be loaded: {exc}") from None
 
 
 class Judge:
@@ -41,7 +31,7 @@ class Judge:
         self.config = config
         self.unrated: Counter = Counter()
         self._client = ChatClient(config.endpoint, cache) if config.kind == "llm" else None
-        self._function = load_function(config.function) if config.kind == "programmatic" else None
+        self._function = load_function(config.function) if config.kind == "function" else None
 
     @property
     def stats(self) -> CallStats:
@@ -60,7 +50,7 @@ class Judge:
 
     def _rate_with_function(self, prompt: list[dict], answer: str) -> Judged:
         try:
-            return programmatic_rating(self._function(prompt, answer)), None
+            return function_rating(self._function(prompt, answer)), None
         except Unparseable as exc:
             return None, exc.reason
 
@@ -79,5 +69,5 @@ class Judge:
             await self._client.close()
 
     async def _rate_one(self, prompt: list[dict], answer: str) -> Judged:
-        return await self._client.ask(judge_messages(prompt, answer), parse_rating, self.config.parse_retries,
+        return await self._client.ask(rating_messages(prompt, answer), parse_rating, self.config.parse_retries,
                                       temperature=self.config.temperature, max_tokens=self.config.max_tokens)

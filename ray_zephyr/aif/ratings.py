@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from ray_zephyr.aif.client import Unparseable
+from ray_zephyr.llm.client import Unparseable
 
 ASPECTS = ("instruction_following", "truthfulness", "honesty", "helpfulness")
 ASPECT_RANGE = (1, 5)
@@ -56,7 +56,8 @@ class Rating:
         return sum(self.aspects.values()) / len(self.aspects)
 
 
-def judge_messages(prompt: list[dict], answer: str) -> list[dict]:
+def rating_messages(prompt: list[dict], answer: str) -> list[dict]:
+    """The request to the LLM teacher: rate `answer` to the conversation `prompt` on the UltraFeedback aspects."""
     conversation = "\n".join(f"{m['role'].upper()}: {m['content']}" for m in prompt)
     return [{"role": "system", "content": JUDGE_SYSTEM},
             {"role": "user", "content": JUDGE_TEMPLATE.format(conversation=conversation, answer=answer)}]
@@ -78,10 +79,10 @@ def parse_rating(text: str) -> Rating:
     return Rating(aspects=scores, overall=overall)
 
 
-def programmatic_rating(result) -> Rating:
-    """A programmatic judge returns a number (the overall score, also its only aspect) or a Rating."""
+def function_rating(result) -> Rating:
+    """A judge of kind function returns a number (the overall score, also its only aspect) or a Rating."""
     if isinstance(result, Rating):
         return result
     if isinstance(result, bool | int | float):
         return Rating(aspects={"score": float(result)}, overall=float(result))
-    raise Unparseable(f"programmatic_judge_returned_{type(result).__name__}")
+    raise Unparseable(f"function_judge_returned_{type(result).__name__}")

@@ -14,14 +14,16 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ray_zephyr.aif.binarize import Pair, binarize, prompt_rng
-from ray_zephyr.aif.cache import ResponseCache
-from ray_zephyr.aif.config import AIFRecipe, parse_job_config
-from ray_zephyr.aif.generate import generate
+from ray_zephyr.aif.binarize import Pair, binarize
+from ray_zephyr.aif.config import AIFRecipe
 from ray_zephyr.aif.judge import Judge
 from ray_zephyr.aif.prompts import read_prompts
 from ray_zephyr.aif.ratings import Rating
+from ray_zephyr.cli import parse_recipe_args
 from ray_zephyr.errors import UserError
+from ray_zephyr.llm.cache import ResponseCache
+from ray_zephyr.llm.generate import generate
+from ray_zephyr.seeding import seeded_rng
 
 
 @dataclass
@@ -105,7 +107,7 @@ def run_aif(recipe: AIFRecipe) -> AIFSummary:
     for prompt in prompts:
         outs = completions[prompt["id"]]
         ratings = [Rating(c["aspects"], c["overall"]) if c.get("overall") is not None else None for c in outs]
-        pair = binarize(ratings, recipe.binarize, prompt_rng(recipe.seed, prompt["id"]))
+        pair = binarize(ratings, recipe.binarize, seeded_rng(recipe.seed, prompt["id"]))
         if isinstance(pair, str):
             dropped[pair] += 1
         else:
@@ -121,7 +123,7 @@ def run_aif(recipe: AIFRecipe) -> AIFSummary:
 def main(argv: list[str] | None = None) -> AIFSummary:
     from ray_zephyr.runtime import init_ray
 
-    recipe = parse_job_config("AI feedback: generate, judge and binarize preference pairs", "aif", AIFRecipe, argv)
+    recipe, _ = parse_recipe_args("AI feedback: generate, judge and binarize preference pairs", argv, kind=AIFRecipe)
     init_ray()
     summary = run_aif(recipe)
     for line in summary.lines():

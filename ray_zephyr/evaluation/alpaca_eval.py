@@ -15,16 +15,16 @@ from pathlib import Path
 
 import numpy as np
 
-from ray_zephyr.aif.binarize import prompt_rng
-from ray_zephyr.aif.client import ChatClient
-from ray_zephyr.aif.generate import generate
 from ray_zephyr.errors import UserError
 from ray_zephyr.evaluation.config import EvalRecipe
 from ray_zephyr.evaluation.judging import (
-    judge_messages,
+    judge_prompt_messages,
     load_judge_prompts,
     parse_verdict,
 )
+from ray_zephyr.llm.client import ChatClient
+from ray_zephyr.llm.generate import generate
+from ray_zephyr.seeding import seeded_rng
 
 WIN = {"model": 1.0, "baseline": 0.0, "tie": 0.5}
 
@@ -68,7 +68,7 @@ def length_controlled_win_rate(wins: np.ndarray, length_diff: np.ndarray, l2: fl
 
 
 def answer_instructions(baseline: list[dict], recipe: EvalRecipe) -> dict[str, str | None]:
-    spec = recipe.model.model_copy(update={"n": 1, "max_tokens": recipe.alpaca_eval.max_tokens})
+    spec = recipe.candidate.model_copy(update={"n": 1, "max_tokens": recipe.alpaca_eval.max_tokens})
     outs = generate([{"id": str(i), "messages": [{"role": "user", "content": row["instruction"]}]}
                      for i, row in enumerate(baseline)], spec, recipe.seed)
     return {i: o[0]["text"] for i, o in outs.items()}
@@ -80,13 +80,13 @@ async def judge_pairs(baseline: list[dict], answers: dict[str, str | None], reci
 
     async def one(i: int, row: dict) -> dict:
         answer = answers[str(i)]
-        model_first = prompt_rng(recipe.seed, f"alpaca/{i}").random() < 0.5
+        model_first = seeded_rng(recipe.seed, f"alpaca/{i}").random() < 0.5
         result = {"index": i, "instruction": row["instruction"], "output": answer, "model_first": model_first}
         if answer is None:
             return result | {"winner": None, "reason": "no_answer"}
         a, b = (answer, row["output"]) if model_first else (row["output"], answer)
-        verdict, reason = await client.ask(judge_messages(prompt, question=row["instruction"], answer_a=a, answer_b=b),
-                                           parse_verdict, recipe.parse_retries, temperature=0.0,
+        messages = judge_prompt_messages(prompt, question=row["instruction"], answer_a=a, answer_b=b)
+        verdict, reason = await client.ask(messages, parse_verdict, recipe.parse_retries, temperature=0.0,
                                            max_tokens=recipe.judge_max_tokens)
         winner = None if verdict is None else "tie" if verdict == "C" else (
             "model" if (verdict == "A") == model_first else "baseline")

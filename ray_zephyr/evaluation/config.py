@@ -1,30 +1,35 @@
-"""The evaluation job's config: the model under test, the judge, and which benchmarks to run."""
+"""The evaluation recipe: the model under test (`candidate`), the judge, and which benchmarks to run; loaded by
+`ray_zephyr.config.load_recipe` from a file or `ray_zephyr/recipes/eval/`."""
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from pydantic import Field, model_validator
 
-from ray_zephyr.aif.config import EndpointConfig, GeneratorConfig, job_config_file
-from ray_zephyr.config import _Section, load_config
+from ray_zephyr.config import StrictSection
+from ray_zephyr.llm.config import EndpointConfig, GeneratorConfig
 
 
-class MTBenchConfig(_Section):
+class MTBenchConfig(StrictSection):
     questions: str = "HuggingFaceH4/mt_bench_prompts"  # hub dataset id, or a local jsonl (FastChat's question.jsonl)
     revision: str | None = None  # hub only: a commit, tag or branch to pin the questions to
     judge_prompts: str | None = None  # a jsonl in FastChat's judge-prompt shape; default: ours (evaluation/judge_prompts.jsonl)
     max_tokens: int = Field(1024, ge=1)  # per answer turn
 
 
-class AlpacaEvalConfig(_Section):
+class AlpacaEvalConfig(StrictSection):
     baseline: str  # a json list of {instruction, output}: the baseline model's answers
     judge_prompts: str | None = None
     max_tokens: int = Field(1024, ge=1)
     limit: int | None = Field(None, ge=1)  # first N instructions only
 
 
-class EvalRecipe(_Section):
+class EvalRecipe(StrictSection):
+    shipped_folder: ClassVar[str] = "eval"
+
     seed: int = 42
-    model: GeneratorConfig  # the model under test (n is ignored: one answer per turn)
+    candidate: GeneratorConfig  # the model under test (n is ignored: one answer per turn)
     judge: EndpointConfig
     judge_max_tokens: int = Field(512, ge=1)
     parse_retries: int = Field(2, ge=0)  # re-asks when a verdict cannot be parsed, before it is counted as a drop
@@ -37,7 +42,3 @@ class EvalRecipe(_Section):
         if self.mt_bench is None and self.alpaca_eval is None:
             raise ValueError("nothing to evaluate: set mt_bench, alpaca_eval or both")
         return self
-
-
-def load_eval_recipe(name_or_path: str, overrides: list[str] = ()) -> EvalRecipe:
-    return load_config(job_config_file(name_or_path, "eval"), list(overrides), EvalRecipe)

@@ -12,8 +12,8 @@ import re
 from importlib import resources
 from pathlib import Path
 
-from ray_zephyr.aif.client import Unparseable
 from ray_zephyr.errors import UserError
+from ray_zephyr.llm.client import Unparseable
 
 SHIPPED_JUDGE_PROMPTS = resources.files("ray_zephyr") / "evaluation" / "judge_prompts.jsonl"
 REQUIRED_FIELDS = ("name", "system_prompt", "prompt_template")
@@ -43,7 +43,8 @@ def load_judge_prompts(path: str | None, needed: tuple[str, ...]) -> dict[str, d
     return prompts
 
 
-def judge_messages(prompt: dict, **fields: str) -> list[dict]:
+def judge_prompt_messages(prompt: dict, **fields: str) -> list[dict]:
+    """The request to the judge: a FastChat-shaped judge prompt with its placeholders filled from `fields`."""
     return [{"role": "system", "content": prompt["system_prompt"]},
             {"role": "user", "content": prompt["prompt_template"].format(**fields)}]
 

@@ -12,18 +12,18 @@ from collections import Counter
 from pathlib import Path
 from statistics import mean
 
-from ray_zephyr.aif.client import ChatClient
-from ray_zephyr.aif.generate import generate
 from ray_zephyr.config import SourceConfig
 from ray_zephyr.data.sources import read_rows, resolve_source
 from ray_zephyr.data.validate import Invalid
 from ray_zephyr.errors import UserError
 from ray_zephyr.evaluation.config import EvalRecipe
 from ray_zephyr.evaluation.judging import (
-    judge_messages,
+    judge_prompt_messages,
     load_judge_prompts,
     parse_score,
 )
+from ray_zephyr.llm.client import ChatClient
+from ray_zephyr.llm.generate import generate
 
 # FastChat's `temperature_config` (fastchat/llm_judge/common.py): the original protocol's sampling per category.
 CATEGORY_TEMPERATURE = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0, "coding": 0.0,
@@ -59,7 +59,7 @@ def load_questions(source: str, revision: str | None = None) -> list[dict]:
 
 def answer_questions(questions: list[dict], recipe: EvalRecipe) -> dict[str, list[str | None]]:
     """Both turns' answers per question id, the second turn answered with the first in the history."""
-    spec = recipe.model.model_copy(update={"n": 1, "max_tokens": recipe.mt_bench.max_tokens})
+    spec = recipe.candidate.model_copy(update={"n": 1, "max_tokens": recipe.mt_bench.max_tokens})
     temperature = {q["question_id"]: CATEGORY_TEMPERATURE.get(q["category"], 0.7) for q in questions}
     first = generate([{"id": q["question_id"], "messages": [{"role": "user", "content": q["turns"][0]}],
                        "temperature": temperature[q["question_id"]]} for q in questions], spec, recipe.seed)
@@ -78,10 +78,11 @@ def _grading(question: dict, answers: list[str], turn: int, prompts: dict[str, d
     q, a, ref = question["turns"], answers, question["reference"]
     if turn == 1:
         fields = {"question": q[0], "answer": a[0]} | ({"ref_answer_1": ref[0]} if reference else {})
-        return judge_messages(prompts["single-math-v1" if reference else "single-v1"], **fields)
+        return judge_prompt_messages(prompts["single-math-v1" if reference else "single-v1"], **fields)
     fields = {"question_1": q[0], "answer_1": a[0], "question_2": q[1], "answer_2": a[1]}
     fields |= {"ref_answer_1": ref[0], "ref_answer_2": ref[1]} if reference else {}
-    return judge_messages(prompts["single-math-v1-multi-turn" if reference else "single-v1-multi-turn"], **fields)
+    name = "single-math-v1-multi-turn" if reference else "single-v1-multi-turn"
+    return judge_prompt_messages(prompts[name], **fields)
 
 
 async def grade(questions: list[dict], answers: dict[str, list], recipe: EvalRecipe, client: ChatClient) -> list[dict]:

@@ -11,11 +11,11 @@ import asyncio
 import json
 from pathlib import Path
 
-from ray_zephyr.aif.cache import ResponseCache
-from ray_zephyr.aif.client import ChatClient
-from ray_zephyr.aif.config import parse_job_config
+from ray_zephyr.cli import parse_recipe_args
 from ray_zephyr.evaluation import alpaca_eval, mt_bench
 from ray_zephyr.evaluation.config import EvalRecipe
+from ray_zephyr.llm.cache import ResponseCache
+from ray_zephyr.llm.client import ChatClient
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -63,7 +63,7 @@ def run_evaluation(recipe: EvalRecipe) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     from ray_zephyr.runtime import init_ray
 
-    recipe = parse_job_config("Judged evaluation: MT-Bench and AlpacaEval style", "eval", EvalRecipe, argv)
+    recipe, _ = parse_recipe_args("Judged evaluation: MT-Bench and AlpacaEval style", argv, kind=EvalRecipe)
     init_ray()
     results = run_evaluation(recipe)
     if "mt_bench" in results:

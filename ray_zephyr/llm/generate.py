@@ -1,6 +1,7 @@
-"""K completions per prompt from one model, as a Ray Data batch-inference pass.
+"""K completions per prompt from one generator, as a Ray Data batch-inference pass (for AI feedback and for
+the answers evaluation grades).
 
-Four back ends, one output: a model folder through the project's own serving stack in-process
+Four generator kinds, one output: a model folder through the project's own serving stack in-process
 (`load_engine` + `ChatService`, so prompts are rendered and limited exactly as the served model renders
 them), with the transformers engine or vLLM (on GPU, or on CPU with vLLM's CPU build); any OpenAI-compatible
 endpoint through `ChatClient` (a paid API, or our Ray Serve app); or a Python function (a task's own
@@ -23,7 +24,7 @@ from collections import defaultdict
 import numpy as np
 import ray
 
-from ray_zephyr.aif.config import GeneratorConfig
+from ray_zephyr.llm.config import GeneratorConfig
 from ray_zephyr.seeding import seeded_int
 
 
@@ -60,7 +61,7 @@ class EngineCompletions(_Completions):
     event loop per actor, for all its batches: an engine's background tasks (vLLM's output handler) live on it."""
 
     def __init__(self, spec: GeneratorConfig):
-        from ray_zephyr.serving.engine import load_engine
+        from ray_zephyr.serving.engines import load_engine
         from ray_zephyr.serving.service import ChatService
 
         super().__init__(spec)
@@ -78,7 +79,7 @@ class EngineCompletions(_Completions):
             "model": self.spec.name, "messages": messages, "n": self.spec.n, "temperature": temperature,
             "top_p": self.spec.top_p, "max_tokens": self.spec.max_tokens, "seed": seed})
         try:
-            answers = await self.service.answers(self.service.prepare(request))
+            answers = await self.service.answers(self.service.tokenize_request(request))
         except OpenAIError as exc:  # e.g. a prompt longer than the model's context: counted, not fatal
             return [{"generator": self.spec.name, "text": None, "error": exc.error.code or "invalid_request"}]
         return [{"generator": self.spec.name, "text": a.text, "finish_reason": a.finish_reason, "tokens": a.tokens}
@@ -89,7 +90,7 @@ class EndpointCompletions(_Completions):
     """Any OpenAI-compatible endpoint, `n` choices per request, with the client's retries and concurrency bound."""
 
     async def _batch(self, batch: dict[str, np.ndarray]) -> list[list[dict]]:
-        from ray_zephyr.aif.client import ChatClient
+        from ray_zephyr.llm.client import ChatClient
 
         self.client = ChatClient(self.spec.endpoint)  # its connections belong to this batch's event loop
         try:
@@ -109,7 +110,7 @@ class FunctionCompletions(_Completions):
     """A Python function as a generator: a task's own teacher, or any program that writes answers."""
 
     def __init__(self, spec: GeneratorConfig):
-        from ray_zephyr.aif.judge import load_function
+        from ray_zephyr.llm.functions import load_function
 
         super().__init__(spec)
         self.function = load_function(spec.function)
@@ -123,12 +124,12 @@ def generate(rows: list[dict], spec: GeneratorConfig, seed: int) -> dict[str, li
     items = [{"id": str(r["id"]), "messages": json.dumps(r["messages"]), "seed": row_seed(seed, str(r["id"]), spec.name),
               "temperature": float(r.get("temperature", spec.temperature))} for r in rows]
     ds = ray.data.from_items(items)
-    if spec.engine in ("transformers", "vllm"):
+    if spec.kind in ("transformers", "vllm"):
         out = ds.map_batches(EngineCompletions, fn_constructor_kwargs={"spec": spec}, batch_size=spec.batch_size,
                              compute=ray.data.ActorPoolStrategy(size=spec.concurrency), num_gpus=spec.num_gpus,
                              batch_format="numpy")
     else:
-        udf = EndpointCompletions(spec) if spec.engine == "openai" else FunctionCompletions(spec)
+        udf = EndpointCompletions(spec) if spec.kind == "openai" else FunctionCompletions(spec)
         out = ds.map_batches(udf, batch_size=spec.batch_size, compute=ray.data.TaskPoolStrategy(size=spec.concurrency),
                              batch_format="numpy")
     completions: dict[str, list[dict]] = defaultdict(list)

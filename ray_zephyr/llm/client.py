@@ -16,9 +16,9 @@ from typing import TypeVar
 
 import openai
 
-from ray_zephyr.aif.cache import ResponseCache
-from ray_zephyr.aif.config import EndpointConfig
 from ray_zephyr.errors import UserError
+from ray_zephyr.llm.cache import ResponseCache
+from ray_zephyr.llm.config import EndpointConfig
 
 T = TypeVar("T")
 

@@ -1,4 +1,5 @@
-"""Judge answers kept on disk, keyed by the request's content, so a crashed or repeated run pays only once.
+"""Chat answers (a judge's, above all) kept on disk, keyed by the request's content, so a crashed or repeated
+run pays only once.
 
 SQLite (standard library, one file, atomic commits) is enough: the judge runs in one process, and a row is
 committed as soon as its answer arrives, so a crash loses at most the calls in flight.
