@@ -3,8 +3,8 @@ files, recipes and a Ray version that exist here, and no config opens Ray's cont
 
 from __future__ import annotations
 
-import ast
 import copy
+import importlib
 import ipaddress
 import json
 import re
@@ -25,8 +25,6 @@ CLUSTER = ROOT / "cluster"
 KUBERAY = CLUSTER / "kuberay"
 RAY_PORTS = {6379, 8265, 10001}  # GCS, dashboard/jobs API, Ray client
 EXPOSING_SERVICE_TYPES = {"LoadBalancer", "NodePort"}
-# Written by other engineers in parallel: a check that needs one of these skips (naming it) until it lands.
-PENDING: set[str] = set()
 
 
 def load_docs(path: Path) -> list[dict]:
@@ -41,12 +39,8 @@ PROJECT_VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"
 
 
 def require_files(*relpaths: str) -> None:
-    """Fail on a missing file, unless it is one still being written (then skip, saying which)."""
     missing = [p for p in relpaths if not (ROOT / p).exists()]
-    unexpected = [p for p in missing if p not in PENDING]
-    assert not unexpected, f"cluster configs refer to missing files: {unexpected}"
-    if missing:
-        pytest.skip(f"not written yet: {missing}")
+    assert not missing, f"cluster configs refer to missing files: {missing}"
 
 
 def ray_cluster_specs(doc: dict) -> list[dict]:
@@ -100,8 +94,6 @@ def test_aws_head_is_cpu_only_and_gpu_workers_autoscale():
     types = AWS["available_node_types"]
     assert types[AWS["head_node_type"]]["resources"] == {"CPU": 0}
     workers = {name: t for name, t in types.items() if name != AWS["head_node_type"]}
-    instance_types = {t["node_config"]["InstanceType"] for t in workers.values()}
-    assert {"g5.12xlarge", "p4d.24xlarge"} <= instance_types
     for name, t in workers.items():
         assert 0 == t["min_workers"] < t["max_workers"], name
     assert sum(t["max_workers"] for t in workers.values()) <= AWS["max_workers"]
@@ -123,16 +115,9 @@ def test_aws_keeps_ray_ports_private_and_token_auth_on():
 # --- KubeRay manifests ----------------------------------------------------------------------------------------------
 
 
-def test_kuberay_manifests_have_expected_kinds_and_required_fields():
-    kinds = {name: (doc["apiVersion"], doc["kind"]) for name, doc in MANIFESTS.items()}
-    assert kinds == {
-        "raycluster.yaml": ("ray.io/v1", "RayCluster"),
-        "rayjob-dpo.yaml": ("ray.io/v1", "RayJob"),
-        "rayjob-sft.yaml": ("ray.io/v1", "RayJob"),
-        "rayservice.yaml": ("ray.io/v1", "RayService"),
-        "storage.yaml": ("v1", "PersistentVolumeClaim"),
-    }
-    assert MANIFESTS["storage.yaml"]["spec"]["accessModes"] == ["ReadWriteMany"]
+def test_kuberay_clusters_run_this_ray_with_the_fields_kuberay_requires():
+    assert MANIFESTS["storage.yaml"]["spec"]["accessModes"] == ["ReadWriteMany"]  # every pod mounts the outputs
+    assert len(all_cluster_specs()) == 2  # the RayCluster (the jobs run on it) and the RayService's own
     for spec in all_cluster_specs():
         assert spec["rayVersion"] == ray.__version__
         assert spec["enableInTreeAutoscaling"] is True
@@ -215,8 +200,7 @@ def test_rayservice_serves_the_dpo_model_with_the_api_key_from_a_secret():
     module, function = app["import_path"].split(":")
     source = module.replace(".", "/") + ".py"
     require_files(source)
-    names = {n.name for n in ast.parse((ROOT / source).read_text()).body if isinstance(n, ast.FunctionDef)}
-    assert function in names, f"{source} has no {function}()"
+    assert callable(getattr(importlib.import_module(module), function, None)), f"{source} has no {function}()"
 
 
 def test_no_ray_port_leaves_the_kubernetes_cluster():

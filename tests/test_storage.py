@@ -86,7 +86,7 @@ def test_unknown_scheme_is_one_line(tmp_path):
 
 
 def test_serving_loads_a_model_from_a_uri(s3, embedded_model_dir, tmp_path, monkeypatch):
-    from ray_zephyr.serving.engine import load_engine
+    from ray_zephyr.serving.engines import load_engine
     from ray_zephyr.serving.settings import ServeSettings
 
     monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "cache"))

@@ -127,7 +127,7 @@ def test_adapter_folder_reloads_and_merges_to_the_trained_model(sft_run, embedde
 
 
 def test_cpu_engine_serves_an_adapter_folder_as_its_merged_model(sft_run):
-    from ray_zephyr.serving.engine import load_engine
+    from ray_zephyr.serving.engines import load_engine
     from ray_zephyr.serving.protocol import ChatRequest
     from ray_zephyr.serving.service import ChatService
     from ray_zephyr.serving.settings import ServeSettings
@@ -137,7 +137,7 @@ def test_cpu_engine_serves_an_adapter_folder_as_its_merged_model(sft_run):
         service = ChatService(load_engine(settings), settings.served_name(), max_n=1)
         request = ChatRequest(model=settings.served_name(), messages=[{"role": "user", "content": "Sort 3 1 2."}],
                               temperature=0, max_tokens=12)
-        return asyncio.run(service.complete(service.prepare(request))).choices[0].message.content
+        return asyncio.run(service.complete(service.tokenize_request(request))).choices[0].message.content
 
     from_adapter = answer(sft_run.out / "model")
     assert from_adapter and from_adapter == answer(sft_run.out / "merged")

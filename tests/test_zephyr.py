@@ -90,7 +90,17 @@ def test_served_chat_answers_are_printed(run):
     users = [line for line in chats if line.startswith("  user: ")]
     answers = [line.removeprefix("  assistant: ") for line in chats if line.startswith("  assistant: ")]
     assert users == ["  user: What is 3 plus 4?", "  user: Sort 8 1 5.", "  user: Spell tiger backwards."]
-    assert len(answers) == 3 and all(answers)  # the tiny model's text, or a note that it answered nothing
+    # Served greedily: the DPO model's own greedy continuation (transformers, here), as the job prints it.
+    tokenizer = AutoTokenizer.from_pretrained(out / "dpo" / "model")
+    model = AutoModelForCausalLM.from_pretrained(out / "dpo" / "model").eval()
+    expected = []
+    for user in users:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": user.removeprefix("  user: ")}],
+                                               add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        with torch.no_grad():
+            ids = model.generate(**prompt, max_new_tokens=32, do_sample=False)[0, prompt["input_ids"].shape[1]:]
+        expected.append(tokenizer.decode(ids, skip_special_tokens=True).strip() or "(nothing: it ended its answer at once)")
+    assert answers == expected
     assert "ServeReplica:zephyr-chat:ChatDeployment" in (out / "zephyr.log").read_text()  # a Ray Serve replica answered
 
 

@@ -11,11 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-
-def _truncate(seq: Sequence, max_length: int | None, mode: str) -> Sequence:
-    if max_length is None:
-        return seq
-    return seq[:max_length] if mode == "keep_start" else seq[-max_length:]
+from ray_zephyr.data.tokenize import truncate
 
 
 def _pad(rows: list[Sequence[int]], value: int) -> torch.Tensor:
@@ -37,8 +33,8 @@ def collate_preference(
     for side in ("chosen_ids", "rejected_ids"):
         for prompt, completion in zip(rows["prompt_ids"], rows[side], strict=True):
             prompt, completion = list(prompt), list(completion)
-            sequences.append(_truncate(prompt + completion, max_length, truncation_mode))
-            masks.append(_truncate([0] * len(prompt) + [1] * len(completion), max_length, truncation_mode))
+            sequences.append(truncate(prompt + completion, max_length, truncation_mode))
+            masks.append(truncate([0] * len(prompt) + [1] * len(completion), max_length, truncation_mode))
     batch = {
         "input_ids": _pad(sequences, pad_token_id),
         "attention_mask": _pad([[1] * len(s) for s in sequences], 0),

@@ -121,7 +121,7 @@ class DataReport:
         return out
 
 
-class Prepare:
+class TokenizeChunks:
     """Ray Data UDF over chunk indices: read, select (mixture, hold-out), validate, tokenize; record row fates.
 
     An instance, so Ray Data runs it as tasks: they run in worker processes that stay warm from one dataset and
@@ -155,7 +155,7 @@ class Prepare:
             raise DataError(f"{chunk.label} row {row}: {invalid.reason}: {invalid} (data.on_bad_row=skip drops such rows)")
         return invalid.reason
 
-    def _prepare(self, chunk: Chunk, rows: np.ndarray, values: list, fates: list[str]) -> pa.Table:
+    def _tokenize_rows(self, chunk: Chunk, rows: np.ndarray, values: list, fates: list[str]) -> pa.Table:
         """Tokenized rows of one read batch as a table; appends each row's fate to `fates`, in row order."""
         columns, rows = dict(chunk.columns), rows.tolist()
         fate: list[str] = [KEPT] * len(rows)
@@ -189,13 +189,13 @@ class Prepare:
             chunk = self.chunks[int(index)]
             fate_rows, fates = [], []
             for rows, values in read_chunk(chunk, self._selector(chunk)):
-                yield self._prepare(chunk, rows, values, fates)
+                yield self._tokenize_rows(chunk, rows, values, fates)
                 fate_rows.append(rows)
             ray.get(self.stats.record.remote(self.dataset, chunk.label, np.concatenate(fate_rows or [[]]), fates))
 
 
 @dataclass
-class PreparedData:
+class TokenizedData:
     """Tokenized train (and eval) datasets; the training driver writes each to a row file (`train.rows`)."""
 
     train: ray.data.Dataset
@@ -227,7 +227,7 @@ def _build(recipe: Recipe, tokenizer, resolved: tuple[list[Chunk], dict[str, flo
     cores = local_cores()
     ds = ray.data.from_items([{"chunk": i} for i in range(len(chunks))], override_num_blocks=len(chunks))
     ds = ds.map_batches(
-        Prepare(recipe, tokenizer, dataset, chunks, thresholds, holdout, shuffle, stats),
+        TokenizeChunks(recipe, tokenizer, dataset, chunks, thresholds, holdout, shuffle, stats),
         batch_size=1,
         batch_format="numpy",
         # on a cluster: as many tasks as Ray schedules
@@ -238,7 +238,7 @@ def _build(recipe: Recipe, tokenizer, resolved: tuple[list[Chunk], dict[str, flo
     return ds
 
 
-def build_datasets(recipe: Recipe, tokenizer) -> PreparedData:
+def build_datasets(recipe: Recipe, tokenizer) -> TokenizedData:
     """Train and eval datasets for the recipe (eval from data.eval sources, else a data.eval_fraction hold-out).
 
     All files are resolved and checked here, before any Ray work, so bad inputs fail fast.
@@ -258,4 +258,4 @@ def build_datasets(recipe: Recipe, tokenizer) -> PreparedData:
         evaluation = _build(recipe, tokenizer, train_sources, "eval", "eval", stats, shuffle=False)
     else:
         evaluation = None
-    return PreparedData(train, evaluation, stats)
+    return TokenizedData(train, evaluation, stats)

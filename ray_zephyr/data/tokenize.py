@@ -12,6 +12,8 @@ Rows are tokenized a batch at a time: one template render per row, one fast-toke
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from transformers import PreTrainedTokenizerBase
 
 from ray_zephyr.chat_template import with_system_turn
@@ -19,7 +21,10 @@ from ray_zephyr.data.validate import Invalid
 from ray_zephyr.errors import UserError
 
 
-def _truncate(seq: list, max_length: int, mode: str) -> list:
+def truncate(seq: Sequence, max_length: int | None, mode: str) -> Sequence:
+    """TRL's truncation: keep the first (keep_start) or the last (keep_end) max_length items; None keeps all."""
+    if max_length is None:
+        return seq
     return seq[:max_length] if mode == "keep_start" else seq[-max_length:]
 
 
@@ -103,7 +108,7 @@ def tokenize_sft(
         labels = [t if m else -100 for t, m in zip(ids, mask, strict=True)]
         ids, change = _with_bos(ids, tokenizer.bos_token_id, add_bos)
         labels = [-100, *labels] if change == 1 else labels[1:] if change == -1 else labels
-        ids, labels = _truncate(ids, max_length, truncation_mode), _truncate(labels, max_length, truncation_mode)
+        ids, labels = truncate(ids, max_length, truncation_mode), truncate(labels, max_length, truncation_mode)
         if all(label == -100 for label in labels):
             out.append(Invalid("no_supervised_tokens", f"no assistant token left within max_length={max_length}"))
         else:

@@ -24,6 +24,7 @@ from ray_zephyr.errors import UserError
 from ray_zephyr.models import resolve_model_path
 from ray_zephyr.train import checkpoint, faults
 from ray_zephyr.train.deepspeed_setup import grad_accumulation_steps
+from ray_zephyr.train.plan import WorkerPlan
 from ray_zephyr.train.rows import Layout, write_rows
 from ray_zephyr.train.run_files import SUMMARY
 
@@ -121,7 +122,7 @@ def preflight(recipe: Recipe) -> None:
     check_shared_output(recipe)
 
 
-def prepare_rows(recipe: Recipe, tokenizer, model_path: str) -> tuple[dict[str, int], list[str]]:
+def write_row_files(recipe: Recipe, tokenizer, model_path: str) -> tuple[dict[str, int], list[str]]:
     """Tokenize (+ reference log-probs for DPO with a precomputed reference) and write the numbered rows of each
     split to <output_dir>/data/<split> (see `rows`); returns the row counts and the data report."""
     from ray_zephyr.data.pipeline import build_datasets
@@ -159,7 +160,7 @@ def run_training(recipe: Recipe, on_start: Callable[[int], None] | None = None) 
     if model_path != "embedded" and not storage.is_uri(model_path) and Path(model_path).exists():
         model_path = str(Path(model_path).resolve())
     tokenizer = load_tokenizer(recipe)
-    counts, data_report = prepare_rows(recipe, tokenizer, resolve_model_path(model_path))
+    counts, data_report = write_row_files(recipe, tokenizer, resolve_model_path(model_path))
     layout = Layout(counts["train"], train.per_device_batch_size, train.num_workers, grad_accumulation_steps(train),
                     recipe.seed, recipe.data.shuffle, train.micro_batch_tokens)
     if layout.steps_per_epoch == 0:
@@ -170,15 +171,15 @@ def run_training(recipe: Recipe, on_start: Callable[[int], None] | None = None) 
     name = checkpoint.run_name(output)
     fingerprint = checkpoint.fingerprint(recipe, layout, counts["eval"])
     checkpoint.check_resumable(storage.join(storage_path(recipe), name), fingerprint, train.resume)
-    config = {
-        "recipe": recipe, "model_path": model_path, "tokenizer": tokenizer, "output_dir": output,
-        "layout": layout, "total_steps": total_steps, "fingerprint": fingerprint, "fault": faults.planned(),
-        "train_rows": storage.join(output, "data", "train"), "eval_size": counts["eval"],
-        "eval_rows": storage.join(output, "data", "eval") if counts["eval"] else None,
-    }
+    plan = WorkerPlan(
+        recipe=recipe, model_path=model_path, tokenizer=tokenizer, output_dir=output, layout=layout,
+        total_steps=total_steps, fingerprint=fingerprint, train_rows=storage.join(output, "data", "train"),
+        eval_rows=storage.join(output, "data", "eval") if counts["eval"] else None, eval_size=counts["eval"],
+        fault=faults.planned(),
+    )
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config=config,
+        train_loop_config={"plan": plan},
         scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
                                      resources_per_worker={"GPU": 1, "CPU": 1} if train.use_gpu else {"CPU": 1},
                                      placement_strategy=train.placement_strategy),

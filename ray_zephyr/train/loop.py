@@ -29,27 +29,29 @@ from ray_zephyr.train.deepspeed_setup import (
     save_merged,
 )
 from ray_zephyr.train.objectives import make_objective
+from ray_zephyr.train.plan import WorkerPlan
 from ray_zephyr.train.rows import RowFile, eval_layout
 from ray_zephyr.train.run_files import RunFiles
 from ray_zephyr.train.step import collated, eval_metrics, train_step
 
 
 def train_loop(config: dict) -> None:
-    """Ray Train's train_loop_per_worker; `config` comes from `launch.run_training`."""
-    recipe, layout, total_steps = config["recipe"], config["layout"], config["total_steps"]
-    train, output_dir = recipe.train, config["output_dir"]
+    """Ray Train's train_loop_per_worker; `config` is `{"plan": WorkerPlan}` from `launch.run_training`."""
+    plan: WorkerPlan = config["plan"]
+    recipe, layout, total_steps = plan.recipe, plan.layout, plan.total_steps
+    train, output_dir = recipe.train, plan.output_dir
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     attempt = uuid.uuid4().hex[:8]
 
     # -- set up ------------------------------------------------------------------------------------
-    model_path = resolve_model_path(config["model_path"])
+    model_path = resolve_model_path(plan.model_path)
     engine = build_engine(recipe, model_path, total_steps)
     resident = recipe.stage == "dpo" and recipe.dpo.reference == "resident"
     reference = build_reference(recipe, model_path, engine) if resident else None
-    objective = make_objective(recipe, config["tokenizer"].pad_token_id, reference)
-    train_rows = RowFile(config["train_rows"])
-    eval_rows = RowFile(config["eval_rows"]) if config["eval_rows"] else None
+    objective = make_objective(recipe, plan.tokenizer.pad_token_id, reference)
+    train_rows = RowFile(plan.train_rows)
+    eval_rows = RowFile(plan.eval_rows) if plan.eval_rows else None
     resumed = checkpoint.load(engine, rank)
     position, fetched = resumed or (checkpoint.Position(), [])
     files = RunFiles(output_dir, rank, attempt, resumed=resumed is not None)
@@ -64,7 +66,7 @@ def train_loop(config: dict) -> None:
     def run_eval() -> dict:
         if eval_rows is None:
             return {}
-        order = eval_layout(config["eval_size"], layout.micro_batch, world_size)
+        order = eval_layout(plan.eval_size, layout.micro_batch, world_size)
         batches = micro_batches(eval_rows, order.rank_micro_batches(0, rank, 0, eval_rows.lengths, False), "eval data")
         metrics = eval_metrics(engine, objective, (batch for _, batch in batches))
         files.log("eval", position.global_step, position.epoch, metrics)
@@ -78,39 +80,38 @@ def train_loop(config: dict) -> None:
         steps = layout.rank_micro_batches(position.epoch, rank, position.step_in_epoch, train_rows.lengths,
                                           train.group_by_length)
         batches = micro_batches(train_rows, steps, "train data")
-        for step_micro_batches in steps[: total_steps - position.global_step]:
+        for step_micro_batches in faults.after_steps(plan.fault, steps[: total_steps - position.global_step],
+                                                     position.global_step, output_dir, attempt, rank == world_size - 1):
             step_ids, step_batches = zip(*[next(batches) for _ in step_micro_batches], strict=True)
             step = position.global_step + 1
-            logging = step % train.log_every_steps == 0 or step == total_steps
-            metrics = train_step(engine, objective, list(step_batches), token_stats=logging)
+            logged = step % train.log_every_steps == 0 or step == total_steps
+            metrics = train_step(engine, objective, list(step_batches), token_stats=logged)
             position.step_in_epoch += 1
             position.global_step = step
             position.num_tokens += metrics["step_tokens"]
             metrics |= {"step": step, "num_tokens": position.num_tokens,
                         "epoch": position.epoch + position.step_in_epoch / layout.steps_per_epoch}
             files.record_samples(position.epoch, step, [i for ids in step_ids for i in ids])
-            faults.maybe_fail(config["fault"], "after_step", step, output_dir, attempt, rank == world_size - 1)
 
             evaluating = train.eval_every_steps > 0 and step % train.eval_every_steps == 0 and step < total_steps
             checkpointing = train.checkpoint_every_steps > 0 and step % train.checkpoint_every_steps == 0
-            if logging:
+            if logged:
                 files.log("train", step, position.epoch, metrics)
             report = dict(metrics) | (run_eval() if evaluating else {})
-            if logging or evaluating or checkpointing:
+            if logged or evaluating or checkpointing:
                 files.flush()
                 if checkpointing:
-                    checkpoint.save_and_report(engine, report, position, config["fingerprint"], rank)
+                    checkpoint.save_and_report(engine, report, position, plan.fingerprint, rank)
                 else:
                     ray.train.report(report)  # a barrier: every worker calls it
 
     # -- finish ------------------------------------------------------------------------------------
     final = run_eval()
     files.flush()
-    save_hf_model(engine, config["tokenizer"], storage.join(output_dir, "model"), rank,
-                  before_last_file=lambda: faults.maybe_fail(config["fault"], "mid_save", position.global_step,
-                                                             output_dir, attempt))
+    save_hf_model(engine, plan.tokenizer, storage.join(output_dir, "model"), rank,
+                  before_last_file=faults.mid_save(plan.fault, position.global_step, output_dir, attempt))
     if recipe.model.lora and recipe.model.lora.merge and rank == 0:
-        save_merged(recipe, storage.join(output_dir, "model"), config["tokenizer"], storage.join(output_dir, "merged"))
+        save_merged(recipe, storage.join(output_dir, "model"), plan.tokenizer, storage.join(output_dir, "merged"))
     summary = metrics | final | {"step": position.global_step}
     files.write_summary(summary)
     ray.train.report(summary)
