@@ -41,13 +41,18 @@ class StrictSection(BaseModel):
 class SourceConfig(StrictSection):
     """One input of a data mixture."""
 
-    path: str  # hub dataset id, local file or folder (jsonl/json/parquet), or "embedded"
-    split: str = "train"  # hub split; for local folders a file-name prefix; for embedded: train or test
-    weight: float = 1.0  # exactly round(weight x rows) of the source's rows are used, as in the handbook's mixer
-    rows: int | None = None  # embedded only: how many rows to generate
-    revision: str | None = None  # hub only: a commit, tag or branch to pin the dataset to (as model.revision)
-    format: Literal["auto", "messages", "text", "prompt_completion", "preference", "sharegpt", "alpaca"] = "auto"
-    columns: dict[str, str] = {}  # the format's field name -> the field's name in these files, e.g. {prompt: question}
+    path: str = Field(description='hub dataset id, local file or folder (jsonl/json/parquet), or "embedded"')
+    split: str = Field("train", description=(
+        "hub split; for local folders a file-name prefix; for embedded: train or test"))
+    weight: float = Field(1.0, description=(
+        "exactly round(weight x rows) of the source's rows are used, as in the handbook's mixer"))
+    rows: int | None = Field(None, description="embedded only: how many rows to generate")
+    revision: str | None = Field(None, description=(
+        "hub only: a commit, tag or branch to pin the dataset to (as model.revision)"))
+    format: Literal["auto", "messages", "text", "prompt_completion", "preference", "sharegpt", "alpaca"] = Field("auto", description=(
+        "the rows' shape; auto: found from the first row's fields (docs/data.md lists each)"))
+    columns: dict[str, str] = Field({}, description=(
+        "the format's field name -> the field's name in these files, e.g. {prompt: question}"))
 
     @model_validator(mode="after")
     def _check(self) -> SourceConfig:
@@ -59,20 +64,28 @@ class SourceConfig(StrictSection):
 
 
 class DataConfig(StrictSection):
-    train: list[SourceConfig]
-    eval: list[SourceConfig] = []
-    eval_fraction: float = 0.0  # rows of the train sources held out for eval (deterministic by seed)
-    chat_template: str = "auto"  # auto (the tokenizer's own, Zephyr's if none), zephyr, or a Jinja template
-    # true: every sequence starts with the tokenizer's BOS, as the original zephyr-7b-beta runs tokenized them;
-    # false: never; auto: as TRL 1.16 does (whatever the template or tokenizer gives)
-    add_bos: Literal["auto", "true", "false"] = "auto"
-    add_empty_system: bool = False  # insert an empty system turn when a conversation has none
-    max_length: int = 1024  # tokens per sequence (SFT: whole conversation; DPO: prompt + completion)
-    truncation_mode: Literal["keep_start", "keep_end"] = "keep_start"
-    max_prompt_length: int | None = None  # DPO: prompts cut to their last N tokens (the paper's 512); None: as TRL
-    on_bad_row: Literal["fail", "skip"] = "fail"
-    shuffle: bool = True
-    stall_timeout_s: float = Field(600.0, gt=0)  # no batch for this long: fail with a message instead of hanging
+    train: list[SourceConfig] = Field(description="the sources mixed into the training set")
+    eval: list[SourceConfig] = Field([], description="held-out sources (besides eval_fraction)")
+    eval_fraction: float = Field(0.0, description=(
+        "rows of the train sources held out for eval (deterministic by seed)"))
+    chat_template: str = Field("auto", description=(
+        "auto (the tokenizer's own, Zephyr's if none), zephyr, or a Jinja template"))
+    add_bos: Literal["auto", "true", "false"] = Field("auto", description=(
+        "true: every sequence starts with the tokenizer's BOS, as the original zephyr-7b-beta runs tokenized them; "
+        "false: never; auto: as TRL 1.16 does (whatever the template or tokenizer gives)"))
+    add_empty_system: bool = Field(False, description="insert an empty system turn when a conversation has none")
+    max_length: int = Field(1024, description=(
+        "tokens per sequence (SFT: whole conversation; DPO: prompt + completion)"))
+    truncation_mode: Literal["keep_start", "keep_end"] = Field("keep_start", description=(
+        "which end of a too-long sequence is kept (TRL's truncation_mode)"))
+    max_prompt_length: int | None = Field(None, description=(
+        "DPO: prompts cut to their last N tokens (the paper's 512); None: as TRL"))
+    on_bad_row: Literal["fail", "skip"] = Field("fail", description=(
+        "fail: stop at the first invalid row, naming file, row and reason; skip: drop it and count it by reason"))
+    shuffle: bool = Field(True, description=(
+        "a seeded shuffle of the training rows (an epoch's order is a function of seed and epoch)"))
+    stall_timeout_s: float = Field(600.0, gt=0, description=(
+        "no batch for this long: fail with a message instead of hanging"))
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
@@ -96,23 +109,27 @@ class DataConfig(StrictSection):
 class LoraConfig(StrictSection):
     """A LoRA adapter trained instead of the whole model (peft; `pip install ray-zephyr[lora]`)."""
 
-    r: int = Field(16, ge=1)
-    alpha: float = Field(16, gt=0)  # the update is scaled by alpha / r
-    dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] | Literal["all-linear"] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                                         "down_proj"]
-    merge: bool = False  # also write <output_dir>/merged: the starting model with the adapter merged in
+    r: int = Field(16, ge=1, description="the adapter's rank")
+    alpha: float = Field(16, gt=0, description="the update is scaled by alpha / r")
+    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the adapter's input")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="the linear layers that get an adapter (peft's names), or all-linear")
+    merge: bool = Field(False, description=(
+        "also write <output_dir>/merged: the starting model with the adapter merged in"))
 
 
 class ModelConfig(StrictSection):
-    name_or_path: str  # hub id, local folder (a model, or a LoRA adapter: merged into its base), or "embedded"
-    tokenizer: str | None = None  # defaults to name_or_path
-    revision: str | None = None
-    trust_remote_code: bool = False
-    attn_implementation: str = "sdpa"
-    gradient_checkpointing: bool = True
-    lora: LoraConfig | None = None  # train a LoRA adapter on the frozen model
-    load_in_4bit: bool = False  # QLoRA: the frozen model in 4-bit NF4 (bitsandbytes); needs lora
+    name_or_path: str = Field(description='hub id, local folder (a model, or a LoRA adapter: merged into its base), or "embedded"')
+    tokenizer: str | None = Field(None, description="defaults to name_or_path")
+    revision: str | None = Field(None, description="hub only: a commit, tag or branch of the model")
+    trust_remote_code: bool = Field(False, description=(
+        "run the model repository's own code (transformers' trust_remote_code)"))
+    attn_implementation: str = Field("sdpa", description="transformers' attention: sdpa, eager or flash_attention_2")
+    gradient_checkpointing: bool = Field(True, description=(
+        "recompute activations in the backward (less memory, ~30% more compute)"))
+    lora: LoraConfig | None = Field(None, description="train a LoRA adapter on the frozen model")
+    load_in_4bit: bool = Field(False, description="QLoRA: the frozen model in 4-bit NF4 (bitsandbytes); needs lora")
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
@@ -122,53 +139,75 @@ class ModelConfig(StrictSection):
 
 
 class TrainConfig(StrictSection):
-    output_dir: str  # model, metrics, sample audit: a local folder, or a URI (s3://, gs://, abfss://, ...)
-    storage_path: str | None = None  # Ray Train checkpoints: local folder or URI; default output_dir/ray
-    shared_filesystem: bool = False  # a local output_dir is mounted on every node (e.g. KubeRay's shared volume)
-    resume: Literal["auto", "fresh"] = "auto"  # auto: resume matching checkpoints; fresh: delete them, start over
-    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"  # of the workers over nodes
-    padding_free: bool = False  # padding-free micro-batches: each one a single sequence of its rows' tokens
-    group_by_length: bool = False  # order each global batch longest first, so micro-batches hold similar lengths
-    num_workers: int = Field(1, ge=1)
-    use_gpu: bool = False
-    epochs: int = Field(1, ge=1)
-    max_steps: int = -1
-    global_batch_size: int = Field(8, ge=1)
-    per_device_batch_size: int = Field(8, ge=1)
-    # a token budget per micro-batch: each worker's per_device_batch_size x accumulation rows of a step are cut
-    # into micro-batches of at most this many tokens (train/rows.py) instead of per_device_batch_size rows each
-    micro_batch_tokens: int | None = Field(None, ge=1)
-    lr: float = Field(2e-5, gt=0)
-    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_ratio: float = Field(0.1, ge=0, le=1)
-    optimizer: Literal["adamw", "rmsprop", "paged_adamw"] = "adamw"  # paged_adamw: bitsandbytes' PagedAdamW32bit
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float = Field(1.0, gt=0)
-    zero_stage: Literal[2, 3] = 3
-    zero_options: dict[str, int | float | bool] = {}  # extra DeepSpeed zero_optimization keys (bucket sizes, ...)
-    offload_optimizer: bool = False
-    offload_params: bool = False
-    log_every_steps: int = Field(10, ge=1)
-    eval_every_steps: int = Field(0, ge=0)  # 0: only at the end
-    checkpoint_every_steps: int = Field(0, ge=0)  # 0: no mid-run checkpoints (the final model is always saved)
-    max_failures: int = Field(3, ge=0)
+    output_dir: str = Field(description=(
+        "model, metrics, sample audit: a local folder, or a URI (s3://, gs://, abfss://, ...)"))
+    storage_path: str | None = Field(None, description=(
+        "Ray Train checkpoints: local folder or URI; default output_dir/ray"))
+    shared_filesystem: bool = Field(False, description=(
+        "a local output_dir is mounted on every node (e.g. KubeRay's shared volume)"))
+    resume: Literal["auto", "fresh"] = Field("auto", description=(
+        "auto: resume matching checkpoints; fresh: delete them, start over"))
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = Field("PACK", description=(
+        "of the workers over nodes"))
+    padding_free: bool = Field(False, description=(
+        "padding-free micro-batches: each one a single sequence of its rows' tokens"))
+    group_by_length: bool = Field(False, description=(
+        "order each global batch longest first, so micro-batches hold similar lengths"))
+    num_workers: int = Field(1, ge=1, description="Ray Train workers, one GPU each with use_gpu")
+    use_gpu: bool = Field(False, description="train on GPUs (NCCL); false: CPU over gloo")
+    epochs: int = Field(1, ge=1, description="passes over the training rows")
+    max_steps: int = Field(-1, description="stop after this many optimizer steps; -1: epochs decide")
+    global_batch_size: int = Field(8, ge=1, description="rows per optimizer step, over all workers")
+    per_device_batch_size: int = Field(8, ge=1, description=(
+        "rows per micro-batch on each worker; global_batch_size / (num_workers x this) is the gradient accumulation"))
+    micro_batch_tokens: int | None = Field(None, ge=1, description=(
+        "a token budget per micro-batch: each worker's per_device_batch_size x accumulation rows of a step are cut "
+        "into micro-batches of at most this many tokens (train/rows.py) instead of per_device_batch_size rows each"))
+    lr: float = Field(2e-5, gt=0, description="peak learning rate")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description=(
+        "the learning-rate schedule after warm-up"))
+    warmup_ratio: float = Field(0.1, ge=0, le=1, description=(
+        "share of the steps spent warming the learning rate up from 0"))
+    optimizer: Literal["adamw", "rmsprop", "paged_adamw"] = Field("adamw", description=(
+        "paged_adamw: bitsandbytes' PagedAdamW32bit"))
+    weight_decay: float = Field(0.0, ge=0, description="AdamW's decoupled weight decay")
+    max_grad_norm: float = Field(1.0, gt=0, description="gradients are clipped to this global norm")
+    zero_stage: Literal[2, 3] = Field(3, description=(
+        "DeepSpeed ZeRO stage: 3 partitions parameters, gradients and optimizer state; 2 only gradients and "
+        "optimizer state"))
+    zero_options: dict[str, int | float | bool] = Field({}, description=(
+        "extra DeepSpeed zero_optimization keys (bucket sizes, ...)"))
+    offload_optimizer: bool = Field(False, description="keep the optimizer state in CPU memory (DeepSpeed offload)")
+    offload_params: bool = Field(False, description="keep the parameters in CPU memory (ZeRO-3 only)")
+    log_every_steps: int = Field(10, ge=1, description=(
+        "write train metrics to metrics.jsonl every this many steps (and at the last)"))
+    eval_every_steps: int = Field(0, ge=0, description="0: only at the end")
+    checkpoint_every_steps: int = Field(0, ge=0, description=(
+        "0: no mid-run checkpoints (the final model is always saved)"))
+    max_failures: int = Field(3, ge=0, description=(
+        "worker-group restarts Ray Train makes from the last checkpoint before the run fails"))
 
 
 class DPOConfig(StrictSection):
-    beta: float = Field(0.1, gt=0)
-    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # conservative DPO (sigmoid only)
-    reference: Literal["precomputed", "resident"] = "precomputed"
-    rpo_alpha: float = Field(0.0, ge=0)  # weight of an NLL term on the chosen answers (RPO); 0 = plain DPO
+    beta: float = Field(0.1, gt=0, description="DPO's beta: how far the policy may move from the reference")
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = Field("sigmoid", description=(
+        "sigmoid (DPO), ipo or hinge, as TRL computes them"))
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="conservative DPO (sigmoid only)")
+    reference: Literal["precomputed", "resident"] = Field("precomputed", description=(
+        "precomputed: the reference log-probs computed once before training, into the row file; resident: a frozen "
+        "reference model beside the policy on every worker"))
+    rpo_alpha: float = Field(0.0, ge=0, description=(
+        "weight of an NLL term on the chosen answers (RPO); 0 = plain DPO"))
 
 
 class Recipe(StrictSection):
-    stage: Literal["sft", "dpo"]
-    seed: int = 42
-    model: ModelConfig
-    data: DataConfig
-    train: TrainConfig
-    dpo: DPOConfig = DPOConfig()
+    stage: Literal["sft", "dpo"] = Field(description="which job runs it: sft (jobs/sft.py) or dpo (jobs/dpo.py)")
+    seed: int = Field(42, description=(
+        "seeds the data order, the hold-out, the mixture and the weights' initialisation of adapters"))
+    model: ModelConfig = Field(description="the model to start from")
+    data: DataConfig = Field(description="the training (and eval) data")
+    train: TrainConfig = Field(description="how training runs")
+    dpo: DPOConfig = Field(DPOConfig(), description="the DPO objective (dpo stage only)")
 
     @model_validator(mode="after")
     def _check(self) -> Recipe:

@@ -17,12 +17,15 @@ from ray_zephyr.llm.config import EndpointConfig, GeneratorConfig
 class JudgeConfig(StrictSection):
     """The teacher: an LLM behind an endpoint (UltraFeedback rating), or a Python function for checkable tasks."""
 
-    kind: Literal["llm", "function"] = "llm"
-    endpoint: EndpointConfig | None = None  # llm
-    function: str | None = None  # function: "module:function"(prompt messages, completion) -> score or ratings
-    temperature: float = Field(0.0, ge=0, le=2)
-    max_tokens: int = Field(256, ge=1)
-    parse_retries: int = Field(2, ge=0)  # extra calls when an answer cannot be parsed, before it is counted as a drop
+    kind: Literal["llm", "function"] = Field("llm", description=(
+        "llm: a model behind an OpenAI-compatible endpoint rates each completion; function: a Python function scores"
+        " it"))
+    endpoint: EndpointConfig | None = Field(None, description="llm")
+    function: str | None = Field(None, description='function: "module:function"(prompt messages, completion) -> score or ratings')
+    temperature: float = Field(0.0, ge=0, le=2, description="the judge's sampling temperature")
+    max_tokens: int = Field(256, ge=1, description="tokens per judge reply at most")
+    parse_retries: int = Field(2, ge=0, description=(
+        "extra calls when an answer cannot be parsed, before it is counted as a drop"))
 
     @model_validator(mode="after")
     def _check(self) -> JudgeConfig:
@@ -36,12 +39,13 @@ class JudgeConfig(StrictSection):
 class AIFRecipe(StrictSection):
     shipped_folder: ClassVar[str] = "aif"
 
-    seed: int = 42
+    seed: int = Field(42, description="seeds the sampling seeds per prompt and the binarization draws")
     prompts: list[SourceConfig]
     generators: list[GeneratorConfig] = Field(min_length=1)
     judge: JudgeConfig
-    binarize: Literal["zephyr", "argilla"] = "zephyr"  # highest overall vs random other / mean of aspects, ties dropped
-    output_dir: str  # pairs.parquet, summary.json and the judge cache go here
+    binarize: Literal["zephyr", "argilla"] = Field("zephyr", description=(
+        "highest overall vs random other / mean of aspects, ties dropped"))
+    output_dir: str = Field(description="pairs.parquet, summary.json and the judge cache go here")
 
     @model_validator(mode="after")
     def _check(self) -> AIFRecipe:

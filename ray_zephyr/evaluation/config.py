@@ -12,30 +12,33 @@ from ray_zephyr.llm.config import EndpointConfig, GeneratorConfig
 
 
 class MTBenchConfig(StrictSection):
-    questions: str = "HuggingFaceH4/mt_bench_prompts"  # hub dataset id, or a local jsonl (FastChat's question.jsonl)
-    revision: str | None = None  # hub only: a commit, tag or branch to pin the questions to
-    judge_prompts: str | None = None  # a jsonl in FastChat's judge-prompt shape; default: ours (evaluation/judge_prompts.jsonl)
-    max_tokens: int = Field(1024, ge=1)  # per answer turn
+    questions: str = Field("HuggingFaceH4/mt_bench_prompts", description=(
+        "hub dataset id, or a local jsonl (FastChat's question.jsonl)"))
+    revision: str | None = Field(None, description="hub only: a commit, tag or branch to pin the questions to")
+    judge_prompts: str | None = Field(None, description=(
+        "a jsonl in FastChat's judge-prompt shape; default: ours (evaluation/judge_prompts.jsonl)"))
+    max_tokens: int = Field(1024, ge=1, description="per answer turn")
 
 
 class AlpacaEvalConfig(StrictSection):
-    baseline: str  # a json list of {instruction, output}: the baseline model's answers
-    judge_prompts: str | None = None
-    max_tokens: int = Field(1024, ge=1)
-    limit: int | None = Field(None, ge=1)  # first N instructions only
+    baseline: str = Field(description="a json list of {instruction, output}: the baseline model's answers")
+    judge_prompts: str | None = Field(None, description="the pairwise judge's prompt file; default: ours")
+    max_tokens: int = Field(1024, ge=1, description="per answer")
+    limit: int | None = Field(None, ge=1, description="first N instructions only")
 
 
 class EvalRecipe(StrictSection):
     shipped_folder: ClassVar[str] = "eval"
 
-    seed: int = 42
-    candidate: GeneratorConfig  # the model under test (n is ignored: one answer per turn)
+    seed: int = Field(42, description="seeds the candidate's sampling")
+    candidate: GeneratorConfig = Field(description="the model under test (n is ignored: one answer per turn)")
     judge: EndpointConfig
-    judge_max_tokens: int = Field(512, ge=1)
-    parse_retries: int = Field(2, ge=0)  # re-asks when a verdict cannot be parsed, before it is counted as a drop
-    mt_bench: MTBenchConfig | None = None
-    alpaca_eval: AlpacaEvalConfig | None = None
-    output_dir: str
+    judge_max_tokens: int = Field(512, ge=1, description="tokens per judge reply at most")
+    parse_retries: int = Field(2, ge=0, description=(
+        "re-asks when a verdict cannot be parsed, before it is counted as a drop"))
+    mt_bench: MTBenchConfig | None = Field(None, description="run MT-Bench (omit to skip)")
+    alpaca_eval: AlpacaEvalConfig | None = Field(None, description="run AlpacaEval (omit to skip)")
+    output_dir: str = Field(description="answers, judgments and the summary go here")
 
     @model_validator(mode="after")
     def _check(self) -> EvalRecipe:

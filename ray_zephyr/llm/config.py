@@ -14,30 +14,34 @@ from ray_zephyr.serving.settings import ServeSettings, vllm_resources_problem
 class EndpointConfig(StrictSection):
     """An OpenAI-compatible chat endpoint (a paid API, or our own Ray Serve app)."""
 
-    base_url: str  # e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1
-    model: str  # the name the endpoint serves
-    api_key_env: str | None = None  # environment variable holding the key; none: no key sent
-    max_concurrency: int = Field(8, ge=1)  # requests in flight at once
-    timeout_s: float = Field(60.0, gt=0)  # per request
-    max_retries: int = Field(3, ge=0)  # on timeouts, connection errors, 429 and 5xx, with exponential backoff
+    base_url: str = Field(description="e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1")
+    model: str = Field(description="the name the endpoint serves")
+    api_key_env: str | None = Field(None, description="environment variable holding the key; none: no key sent")
+    max_concurrency: int = Field(8, ge=1, description="requests in flight at once")
+    timeout_s: float = Field(60.0, gt=0, description="per request")
+    max_retries: int = Field(3, ge=0, description=(
+        "on timeouts, connection errors, 429 and 5xx, with exponential backoff"))
 
 
 class GeneratorConfig(StrictSection):
     """One model producing `n` completions per prompt, with its own sampling settings."""
 
-    name: str  # how completions are labelled in the output
-    kind: Literal["transformers", "vllm", "openai", "function"] = "transformers"
-    model: str | None = None  # transformers/vllm: HF folder, hub id or "embedded"
-    function: str | None = None  # function: "module:function"(prompt messages, n, seed) -> n completions
-    endpoint: EndpointConfig | None = None  # openai
-    n: int = Field(2, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    max_tokens: int = Field(256, ge=1)
-    batch_size: int = Field(16, ge=1)  # prompts per Ray Data batch
-    concurrency: int = Field(1, ge=1)  # engine replicas (Ray Data actors); tasks at once for an endpoint or a function
-    num_gpus: float = Field(0, ge=0)  # per replica
-    vllm_engine_args: dict = {}  # vllm only: extra vLLM engine arguments, as in the Serve settings
+    name: str = Field(description="how completions are labelled in the output")
+    kind: Literal["transformers", "vllm", "openai", "function"] = Field("transformers", description=(
+        "transformers or vllm: a model run in Ray Data actors; openai: an OpenAI-compatible endpoint; function: a "
+        "Python function"))
+    model: str | None = Field(None, description='transformers/vllm: HF folder, hub id or "embedded"')
+    function: str | None = Field(None, description='function: "module:function"(prompt messages, n, seed) -> n completions')
+    endpoint: EndpointConfig | None = Field(None, description="openai")
+    n: int = Field(2, ge=1, description="completions per prompt")
+    temperature: float = Field(1.0, ge=0, le=2, description="sampling temperature (0: greedy)")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling's cumulative probability")
+    max_tokens: int = Field(256, ge=1, description="tokens per completion at most")
+    batch_size: int = Field(16, ge=1, description="prompts per Ray Data batch")
+    concurrency: int = Field(1, ge=1, description=(
+        "engine replicas (Ray Data actors); tasks at once for an endpoint or a function"))
+    num_gpus: float = Field(0, ge=0, description="per replica")
+    vllm_engine_args: dict = Field({}, description="vllm only: extra vLLM engine arguments, as in the Serve settings")
 
     @model_validator(mode="after")
     def _check(self) -> GeneratorConfig:
