@@ -24,21 +24,17 @@ import asyncio
 import json
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `serve/` (the app) lives beside `bench/`
-
-from ray_zephyr.embedded import chat_row, save_embedded_model  # noqa: E402
-from ray_zephyr.errors import run_cli  # noqa: E402
-from ray_zephyr.models import embedded_model_dir  # noqa: E402
-from ray_zephyr.serving.engine import load_engine  # noqa: E402
-from ray_zephyr.serving.protocol import parse_request  # noqa: E402
-from ray_zephyr.serving.service import ChatService  # noqa: E402
-from ray_zephyr.serving.settings import ServeSettings  # noqa: E402
+from ray_zephyr.embedded import chat_row, save_embedded_model
+from ray_zephyr.errors import run_cli
+from ray_zephyr.models import embedded_model_dir
+from ray_zephyr.serving.engines import load_engine
+from ray_zephyr.serving.protocol import parse_request
+from ray_zephyr.serving.service import ChatService
+from ray_zephyr.serving.settings import ServeSettings
 
 MODEL_NAME = "bench"
 RAY_WORKER_NICENESS = 15  # Ray's default for its worker processes (RAY_worker_niceness)
@@ -81,7 +77,7 @@ async def drive(call, requests: list[bytes], concurrency: int) -> tuple[list[flo
 
 async def in_process(service: ChatService, requests: list[bytes], warmup: list[bytes], concurrency: int):
     async def call(body: bytes) -> int:
-        completion = await service.complete(service.prepare(parse_request(body)))
+        completion = await service.complete(service.tokenize_request(parse_request(body)))
         return completion.usage.completion_tokens
 
     await drive(call, warmup, concurrency)
@@ -106,7 +102,7 @@ def start_serve(settings: ServeSettings) -> str:
     from ray import serve
 
     from ray_zephyr.runtime import free_ports, init_ray
-    from serve.app import build_app
+    from ray_zephyr.serving.app import build_app
 
     init_ray(join_existing=False)  # a private local Ray: this measures loopback on this machine
     port = free_ports()[0]

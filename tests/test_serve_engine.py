@@ -14,11 +14,12 @@ import torch
 
 from ray_zephyr.errors import UserError
 from ray_zephyr.serving.api import build_api
-from ray_zephyr.serving.engine import Sampling, load_engine
+from ray_zephyr.serving.decoding import Request
+from ray_zephyr.serving.engine import Sampling
+from ray_zephyr.serving.engines import load_engine
 from ray_zephyr.serving.protocol import ChatRequest
 from ray_zephyr.serving.service import ChatService
 from ray_zephyr.serving.settings import ServeSettings
-from ray_zephyr.serving.transformers_engine import Request
 
 HELLO = [{"role": "user", "content": "Spell river backwards."}]
 
@@ -29,18 +30,18 @@ def service(embedded_model_dir) -> ChatService:
     return ChatService(load_engine(settings), "tiny", max_n=4)
 
 
-def _prepare(service: ChatService, **fields):
-    return service.prepare(ChatRequest(model="tiny", messages=HELLO, **fields))
+def _tokenize(service: ChatService, **fields):
+    return service.tokenize_request(ChatRequest(model="tiny", messages=HELLO, **fields))
 
 
 def _complete(service: ChatService, **fields):
-    return asyncio.run(service.complete(_prepare(service, **fields)))
+    return asyncio.run(service.complete(_tokenize(service, **fields)))
 
 
 def _stream_text(service: ChatService, **fields) -> tuple[list[str], list[str | None], int]:
     async def collect():
         texts, finish, usage = [""] * fields.get("n", 1), [None] * fields.get("n", 1), None
-        async for chunk in service.stream(_prepare(service, stream_options={"include_usage": True}, **fields)):
+        async for chunk in service.stream(_tokenize(service, stream_options={"include_usage": True}, **fields)):
             usage = chunk.usage or usage
             for choice in chunk.choices:
                 texts[choice.index] += choice.delta.content or ""
@@ -52,7 +53,7 @@ def _stream_text(service: ChatService, **fields) -> tuple[list[str], list[str | 
 
 def test_greedy_matches_transformers_generate(service):
     engine = service.engine
-    prompt = _prepare(service, max_tokens=12).prompt_ids
+    prompt = _tokenize(service, max_tokens=12).prompt_ids
     with torch.inference_mode():
         out = engine.model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)[0, len(prompt):]
     expected = engine.tokenizer.decode([t for t in out.tolist() if t not in engine.eos_ids], skip_special_tokens=True)
@@ -74,7 +75,7 @@ def test_stop_sequence_is_cut_out_in_both_modes(service):
 
 def test_end_of_sequence_finishes_a_choice(service):
     engine = service.engine
-    prompt = _prepare(service).prompt_ids
+    prompt = _tokenize(service).prompt_ids
     with torch.inference_mode():
         third = engine.model.generate(torch.tensor([prompt]), max_new_tokens=3, do_sample=False)[0, -1].item()
     saved = engine.eos_ids  # make the third greedy token an end-of-sequence token
@@ -100,14 +101,14 @@ QUESTIONS = ["Spell river backwards.", "What is 2 plus 3?", "Sort 9 4 7 1 8 2 6.
 
 def _ask(service: ChatService, i: int, **fields):
     messages = [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)] * (1 + i % 3)}]
-    return service.prepare(ChatRequest(model="tiny", messages=messages, max_tokens=6 + 3 * i, **fields))
+    return service.tokenize_request(ChatRequest(model="tiny", messages=messages, max_tokens=6 + 3 * i, **fields))
 
 
 def test_batched_requests_get_the_answers_they_get_alone(service):
     """Prompts of different lengths, n of 1 to 3, joining the batch at different steps and leaving it at
     different lengths: the padded, shared KV cache must not change a single token."""
     fields = [dict(seed=i, n=1 + i % 3, temperature=1.0) for i in range(6)]
-    alone = [_complete_prepared(service, _ask(service, i, **f)) for i, f in enumerate(fields)]
+    alone = [_complete_tokenized(service, _ask(service, i, **f)) for i, f in enumerate(fields)]
 
     async def together():
         async def late(i: int):
@@ -124,9 +125,9 @@ def test_batched_requests_get_the_answers_they_get_alone(service):
 
 def test_batched_greedy_matches_transformers_generate(service):
     engine = service.engine
-    prepared = [_ask(service, i, temperature=0) for i in range(4)]
-    answers = asyncio.run(_gather(service, prepared))
-    for p, answer in zip(prepared, answers):
+    tokenized = [_ask(service, i, temperature=0) for i in range(4)]
+    answers = asyncio.run(_gather(service, tokenized))
+    for p, answer in zip(tokenized, answers):
         with torch.inference_mode():
             out = engine.model.generate(torch.tensor([p.prompt_ids]), max_new_tokens=p.sampling.max_tokens,
                                         do_sample=False)[0, len(p.prompt_ids):]
@@ -141,19 +142,19 @@ def test_incremental_detokenization_equals_tokenizer_decode(service):
     vocab = engine.model.config.vocab_size
     for _ in range(50):
         ids = [rng.choice([t for t in range(vocab) if t not in engine.eos_ids]) for _ in range(rng.randint(1, 30))]
-        request = Request(engine, [1], Sampling(max_tokens=len(ids), temperature=0))
+        request = Request(engine.tokenizer, engine.eos_ids, [1], Sampling(max_tokens=len(ids), temperature=0))
         pieces = [request.advance(request.choices[0], token) for token in ids]
         text = "".join(p.text for p in pieces if p is not None)
         assert text == engine.tokenizer.decode(ids, skip_special_tokens=True)
         assert request.finished
 
 
-async def _gather(service: ChatService, prepared: list):
-    return await asyncio.gather(*(service.complete(p) for p in prepared))
+async def _gather(service: ChatService, tokenized: list):
+    return await asyncio.gather(*(service.complete(p) for p in tokenized))
 
 
-def _complete_prepared(service: ChatService, prepared):
-    return asyncio.run(service.complete(prepared))
+def _complete_tokenized(service: ChatService, tokenized):
+    return asyncio.run(service.complete(tokenized))
 
 
 def test_api_without_a_key_is_open(service):

@@ -1,9 +1,10 @@
 """The parts of serving that need no model: request validation, settings and Serve configs, the
-vLLM request mapping (vLLM itself runs only on GPU), and stop-sequence streaming
+vLLM request mapping (vLLM itself runs in tests/test_vllm_serve.py), and stop-sequence streaming
 (sampling: tests/test_serve_sampling.py)."""
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
@@ -11,10 +12,10 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
+from ray_zephyr.serving.decoding import find_stop, safe_end
 from ray_zephyr.serving.engine import Sampling
 from ray_zephyr.serving.protocol import OpenAIError, parse_request
 from ray_zephyr.serving.settings import REPLICA_ENV, ServeSettings
-from ray_zephyr.serving.transformers_engine import find_stop, safe_end
 from ray_zephyr.serving.vllm_engine import finish_reason, sampling_params_kwargs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,9 +110,13 @@ def test_vllm_on_cpu_is_allowed_with_its_kv_cache_size():
 def test_serve_config_files_are_valid(name):
     from ray.serve.schema import ServeDeploySchema
 
+    from ray_zephyr.serving.app import build_app
+
     config = ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "serve" / name).read_text()))
     app = config.applications[0]
     assert app.import_path == "serve.app:build_app"
+    module, _, attribute = app.import_path.partition(":")
+    assert getattr(importlib.import_module(module), attribute) is build_app  # the shim serve/app.py re-exports it
     settings = ServeSettings.model_validate(app.args)
     if name == "config.yaml":
         assert config.http_options.host == "127.0.0.1"

@@ -13,7 +13,7 @@ def test_a_deployment_open_to_the_network_refuses_to_start_without_an_api_key(ra
     from ray import serve
 
     from ray_zephyr.runtime import free_ports
-    from serve.app import build_app
+    from ray_zephyr.serving.app import build_app
 
     serve.start(http_options={"host": "0.0.0.0", "port": free_ports()[0]})
     try:

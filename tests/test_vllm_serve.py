@@ -3,8 +3,8 @@
 These need vLLM, which is no dependency of the project or of the main test command: `.ci/vllm-check`
 builds a virtualenv of its own and runs them there (`-m vllm`, with RAY_ZEPHYR_VLLM_CHECK=1 so that a
 missing vLLM fails instead of skipping). The client side is the same as for the transformers engine
-(tests/test_serve_app.py): the official `openai` client, the bad-input table, the fuzz, and a replica
-killed, and one whose engine dies, being replaced. Every vLLM engine start takes a while on CPU, so the two
+(tests/test_serve_app.py; what both use is in tests/serving_helpers.py): the official `openai` client, the
+bad-input table, the fuzz, and a replica killed, and one whose engine dies, being replaced. Every vLLM engine start takes a while on CPU, so the two
 replicas start, and are replaced, in parallel.
 """
 
@@ -17,9 +17,7 @@ import signal
 import httpx
 import pytest
 from openai import OpenAI
-
-from ray_zephyr.serving.settings import ServeSettings
-from tests.test_serve_app import (
+from serving_helpers import (
     API_KEY,
     BAD_REQUESTS,
     DEFAULT_MAX_TOKENS,
@@ -32,6 +30,8 @@ from tests.test_serve_app import (
     serve_on_loopback,
     wait_for_replacements,
 )
+
+from ray_zephyr.serving.settings import ServeSettings
 
 pytestmark = pytest.mark.vllm
 

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from ray_zephyr.serving.protocol import OpenAIError, parse_request
-from ray_zephyr.serving.service import ChatService, Prepared
+from ray_zephyr.serving.service import ChatService, TokenizedRequest
 
 logger = logging.getLogger(__name__)
 
@@ -33,12 +33,12 @@ def _authorized(request: Request, api_key: str) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode())
 
 
-async def _sse(service: ChatService, prepared: Prepared) -> AsyncIterator[str]:
+async def _sse(service: ChatService, tokenized: TokenizedRequest) -> AsyncIterator[str]:
     try:
-        async for chunk in service.stream(prepared):
+        async for chunk in service.stream(tokenized):
             yield f"data: {chunk.model_dump_json(exclude_unset=True)}\n\n"
     except Exception as exc:  # noqa: BLE001 - headers are sent: the error can only travel as an event
-        logger.exception("generation failed mid-stream (request %s)", prepared.id)
+        logger.exception("generation failed mid-stream (request %s)", tokenized.id)
         error = exc if isinstance(exc, OpenAIError) else OpenAIError(500, "generation failed", type="server_error")
         yield f"data: {json.dumps(error.body())}\n\n"
         return
@@ -109,10 +109,10 @@ def build_api(service: ChatService, api_key: str | None = None, max_request_byte
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         body = await _read_body(request, max_request_bytes)
-        prepared = await asyncio.to_thread(lambda: service.prepare(parse_request(body)))
-        if prepared.request.stream:
-            return StreamingResponse(_sse(service, prepared), media_type="text/event-stream")
-        completion = await service.complete(prepared)
+        tokenized = await asyncio.to_thread(lambda: service.tokenize_request(parse_request(body)))
+        if tokenized.request.stream:
+            return StreamingResponse(_sse(service, tokenized), media_type="text/event-stream")
+        completion = await service.complete(tokenized)
         return Response(completion.model_dump_json(exclude_unset=True), media_type="application/json")
 
     return app

@@ -9,16 +9,12 @@ cut off, so the cache stays as long as the longest live row.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 
+from ray_zephyr.serving.decoding import ChoiceState, Request
+from ray_zephyr.serving.engine import Piece
 from ray_zephyr.serving.sampling import RowSampling
-
-if TYPE_CHECKING:
-    from ray_zephyr.serving.engine import Piece
-    from ray_zephyr.serving.transformers_engine import Choice, Request
 
 
 def _each_layer(cache, change) -> None:
@@ -44,7 +40,7 @@ class DecodeBatch:
         self.clear()
 
     def clear(self) -> None:
-        self.rows: list[tuple[Request, Choice]] = []
+        self.rows: list[tuple[Request, ChoiceState]] = []
         self.sampling = RowSampling.empty()
         self.cache = None
         self.mask = torch.zeros(0, 0, dtype=torch.long)

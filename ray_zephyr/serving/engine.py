@@ -1,4 +1,5 @@
-"""The one interface both engines implement, and the choice between them.
+"""The one interface both engines implement. Types only: `engines.py` picks and builds an engine, so the
+engines import this module and it imports neither of them.
 
 The service renders the chat template and tokenizes with the folder's own tokenizer, then asks an
 engine to continue the token ids. An engine streams `Piece`s: new text for one choice, how many tokens
@@ -9,15 +10,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal, Protocol
 
 from transformers import PreTrainedTokenizerBase
-
-from ray_zephyr.errors import UserError
-from ray_zephyr.lora import ADAPTER_CONFIG
-from ray_zephyr.models import resolve_model_path
-from ray_zephyr.serving.settings import ServeSettings
 
 FinishReason = Literal["stop", "length"]
 
@@ -58,19 +53,3 @@ class Engine(Protocol):
     async def check_health(self) -> None:
         """Raise if the engine can no longer serve (Serve then replaces the replica)."""
         ...
-
-
-def load_engine(settings: ServeSettings) -> Engine:
-    """Build the configured engine; vLLM is imported only when asked for (an optional extra). The folder holds a
-    Hugging Face model, or a LoRA adapter (peft format) that names its base model."""
-    model_dir = resolve_model_path(settings.model)
-    if not any((Path(model_dir) / name).is_file() for name in ("config.json", ADAPTER_CONFIG)):
-        raise UserError(f"model {model_dir!r} is not a Hugging Face model folder nor a LoRA adapter folder (no "
-                        f"config.json or {ADAPTER_CONFIG} in it)")
-    if settings.engine == "vllm":
-        from ray_zephyr.serving.vllm_engine import VLLMEngine
-
-        return VLLMEngine(model_dir, settings.vllm_engine_args)
-    from ray_zephyr.serving.transformers_engine import TransformersEngine
-
-    return TransformersEngine(model_dir, max_batch_rows=settings.max_batch_rows)

@@ -24,7 +24,7 @@ from ray_zephyr.serving.protocol import ChatRequest, OpenAIError
 
 
 @dataclass(frozen=True)
-class Prepared:
+class TokenizedRequest:
     """A validated request, its prompt tokens and how to sample."""
 
     request: ChatRequest
@@ -53,7 +53,7 @@ class ChatService:
         model = Model(id=self.model_name, created=self.created, object="model", owned_by="ray-zephyr")
         return {"object": "list", "data": [model.model_dump(exclude_none=True)]}
 
-    def prepare(self, request: ChatRequest) -> Prepared:
+    def tokenize_request(self, request: ChatRequest) -> TokenizedRequest:
         """Check the request against this model and render its prompt; OpenAIError if it cannot run."""
         if request.model != self.model_name:
             raise OpenAIError(404, f"model {request.model!r} does not exist; this server serves {self.model_name!r}",
@@ -83,7 +83,7 @@ class ChatService:
                             top_p=request.top_p, n=request.n, stop=tuple(request.stop), seed=request.seed,
                             frequency_penalty=request.frequency_penalty, presence_penalty=request.presence_penalty,
                             logit_bias=tuple(request.logit_bias.items()))
-        return Prepared(request, prompt_ids, sampling, f"chatcmpl-{uuid.uuid4().hex}", int(time.time()))
+        return TokenizedRequest(request, prompt_ids, sampling, f"chatcmpl-{uuid.uuid4().hex}", int(time.time()))
 
     def render(self, request: ChatRequest) -> list[int]:
         tokenizer = self.engine.tokenizer
@@ -95,50 +95,50 @@ class ChatService:
                               param="messages") from None
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def _pieces(self, prepared: Prepared) -> AsyncIterator[list[Piece]]:
-        return self.engine.generate(prepared.prompt_ids, prepared.sampling, prepared.id)
+    def _pieces(self, tokenized: TokenizedRequest) -> AsyncIterator[list[Piece]]:
+        return self.engine.generate(tokenized.prompt_ids, tokenized.sampling, tokenized.id)
 
-    def _usage(self, prepared: Prepared, completion_tokens: int) -> CompletionUsage:
-        prompt = len(prepared.prompt_ids)
+    def _usage(self, tokenized: TokenizedRequest, completion_tokens: int) -> CompletionUsage:
+        prompt = len(tokenized.prompt_ids)
         return CompletionUsage(prompt_tokens=prompt, completion_tokens=completion_tokens,
                                total_tokens=prompt + completion_tokens)
 
-    async def answers(self, prepared: Prepared) -> list[Answer]:
+    async def answers(self, tokenized: TokenizedRequest) -> list[Answer]:
         """Each of the n choices whole, with its own token count (AI-feedback generation labels completions so)."""
-        n = prepared.sampling.n
+        n = tokenized.sampling.n
         texts, finish, tokens = [""] * n, ["stop"] * n, [0] * n
-        async for pieces in self._pieces(prepared):
+        async for pieces in self._pieces(tokenized):
             for piece in pieces:
                 texts[piece.index] += piece.text
                 tokens[piece.index] += piece.tokens
                 finish[piece.index] = piece.finish_reason or finish[piece.index]
         return [Answer(*choice) for choice in zip(texts, finish, tokens)]
 
-    async def complete(self, prepared: Prepared) -> ChatCompletion:
-        answers = await self.answers(prepared)
+    async def complete(self, tokenized: TokenizedRequest) -> ChatCompletion:
+        answers = await self.answers(tokenized)
         choices = [
             Choice(index=i, message=ChatCompletionMessage(role="assistant", content=a.text),
                    finish_reason=a.finish_reason, logprobs=None)
             for i, a in enumerate(answers)
         ]
-        return ChatCompletion(id=prepared.id, object="chat.completion", created=prepared.created,
+        return ChatCompletion(id=tokenized.id, object="chat.completion", created=tokenized.created,
                               model=self.model_name, choices=choices,
-                              usage=self._usage(prepared, sum(a.tokens for a in answers)))
+                              usage=self._usage(tokenized, sum(a.tokens for a in answers)))
 
-    async def stream(self, prepared: Prepared) -> AsyncIterator[ChatCompletionChunk]:
+    async def stream(self, tokenized: TokenizedRequest) -> AsyncIterator[ChatCompletionChunk]:
         """The role first, then text deltas, a finish reason per choice, and usage last if asked for."""
 
         def chunk(choices: list[ChunkChoice], usage: CompletionUsage | None = None) -> ChatCompletionChunk:
             extra = {"usage": usage} if usage else {}
-            return ChatCompletionChunk(id=prepared.id, object="chat.completion.chunk", created=prepared.created,
+            return ChatCompletionChunk(id=tokenized.id, object="chat.completion.chunk", created=tokenized.created,
                                        model=self.model_name, choices=choices, **extra)
 
         yield chunk([ChunkChoice(index=i, delta=ChoiceDelta(role="assistant", content=""), finish_reason=None)
-                     for i in range(prepared.sampling.n)])
+                     for i in range(tokenized.sampling.n)])
         tokens = 0
-        async for pieces in self._pieces(prepared):
+        async for pieces in self._pieces(tokenized):
             tokens += sum(p.tokens for p in pieces)
             yield chunk([ChunkChoice(index=p.index, delta=ChoiceDelta(content=p.text), finish_reason=p.finish_reason)
                          for p in pieces])
-        if prepared.request.include_usage:
-            yield chunk([], self._usage(prepared, tokens))
+        if tokenized.request.include_usage:
+            yield chunk([], self._usage(tokenized, tokens))

@@ -41,7 +41,8 @@ class ServeSettings(BaseModel):
     model: str = Field("embedded", description="Hugging Face folder to serve, a LoRA adapter folder (served on its "
                        "base), or `embedded` (the tiny default)")
     model_name: str | None = Field(None, description="name clients pass as `model`; default: the folder's name")
-    engine: Literal["vllm", "transformers"] = "vllm"
+    engine: Literal["vllm", "transformers"] = Field("vllm", description=(
+        "vllm (GPU; vLLM's CPU build on CPU) or transformers (CPU, the embedded model)"))
     api_key: str | None = Field(None, description=f"required Bearer token; default: ${API_KEY_ENV} on the replica")
     max_n: int = Field(8, ge=1, description="largest `n` (choices per request) accepted")
     vllm_engine_args: dict[str, Any] = Field(default_factory=dict, description="extra vllm AsyncEngineArgs")
@@ -49,17 +50,20 @@ class ServeSettings(BaseModel):
                                     "context left after the prompt)")
     max_request_bytes: int = Field(1 << 20, ge=1024, description="larger request bodies get 413")
     max_batch_rows: int = Field(64, ge=1, description="transformers engine: choices decoded together at most")
-    health_check_period_s: float = Field(10, gt=0)
-    health_check_timeout_s: float = Field(30, gt=0)
+    health_check_period_s: float = Field(10, gt=0, description="Serve checks each replica's engine this often")
+    health_check_timeout_s: float = Field(30, gt=0, description=(
+        "a check that takes longer fails; Serve replaces a replica after repeated failures"))
 
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(4, ge=1)
-    target_ongoing_requests: float = Field(32, gt=0)
-    max_ongoing_requests: int = Field(64, ge=1)
-    upscale_delay_s: float = Field(30, ge=0)
-    downscale_delay_s: float = Field(300, ge=0)
-    num_gpus: float = Field(1, ge=0)
-    num_cpus: float = Field(1, ge=0)
+    min_replicas: int = Field(1, ge=0, description="replicas kept running however idle")
+    max_replicas: int = Field(4, ge=1, description="replicas Serve scales up to under load")
+    target_ongoing_requests: float = Field(32, gt=0, description=(
+        "requests in flight per replica that Serve's autoscaler aims at"))
+    max_ongoing_requests: int = Field(64, ge=1, description=(
+        "requests in flight per replica at most; more wait at the proxy"))
+    upscale_delay_s: float = Field(30, ge=0, description="load above the target this long adds replicas")
+    downscale_delay_s: float = Field(300, ge=0, description="load below the target this long removes replicas")
+    num_gpus: float = Field(1, ge=0, description="GPUs per replica (vLLM's tensor-parallel size must fit in it)")
+    num_cpus: float = Field(1, ge=0, description="CPUs per replica")
 
     @model_validator(mode="after")
     def _consistent(self) -> ServeSettings:
