@@ -62,9 +62,11 @@ def preview(recipe: Recipe, tokenizer, max_rows: int | None = None) -> str:
                 example = {k: v[0] for k, v in batch.items()}
         stats[name] = (seq, sup)
     lines += data.report().lines()
+    def pct(xs: list[int]) -> str:
+        return ", ".join(f"p{q} {int(np.percentile(xs, q))}" for q in PERCENTILES).replace("p100", "max")
+
     for name, (seq, sup) in stats.items():
         if seq:
-            pct = lambda xs: ", ".join(f"p{q} {int(np.percentile(xs, q))}" for q in PERCENTILES).replace("p100", "max")
             lines.append(f"{name} tokens per row: {pct(seq)}; supervised tokens: {pct(sup)}")
     if example is not None:
         lines.append(f"example ({example['source']} row {example['row']}; supervised tokens in [[ ]]):")
