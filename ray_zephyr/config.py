@@ -84,6 +84,9 @@ class DataConfig(StrictSection):
         "fail: stop at the first invalid row, naming file, row and reason; skip: drop it and count it by reason"))
     shuffle: bool = Field(True, description=(
         "a seeded shuffle of the training rows (an epoch's order is a function of seed and epoch)"))
+    start_timeout_s: float = Field(3600.0, gt=0, description=(
+        "the first batch may take this long (a cold autoscaling cluster first provisions nodes and pulls images; a "
+        "progress line says what it waits for); then stall_timeout_s applies between batches"))
     stall_timeout_s: float = Field(600.0, gt=0, description=(
         "no batch for this long: fail with a message instead of hanging"))
 

@@ -54,7 +54,8 @@ def preview(recipe: Recipe, tokenizer, max_rows: int | None = None) -> str:
             ds = ds.limit(max_rows)
         seq, sup = [], []
         batches = ds.iter_batches(batch_size=256, batch_format="numpy")
-        for batch in iter_with_stall_timeout(batches, recipe.data.stall_timeout_s, f"preview {name}"):
+        for batch in iter_with_stall_timeout(batches, recipe.data.stall_timeout_s, f"preview {name}",
+                                             recipe.data.start_timeout_s):
             s, p = _lengths(batch, recipe.stage)
             seq += s
             sup += p

@@ -138,7 +138,8 @@ def write_row_files(recipe: Recipe, tokenizer, model_path: str) -> tuple[dict[st
     counts = {}
     for split, ds in datasets.items():
         batches = ds.iter_batches(batch_format="pyarrow", batch_size=1024) if ds is not None else []
-        counts[split] = write_rows(iter_with_stall_timeout(batches, recipe.data.stall_timeout_s, f"{split} data"),
+        counts[split] = write_rows(iter_with_stall_timeout(batches, recipe.data.stall_timeout_s, f"{split} data",
+                                                          recipe.data.start_timeout_s),
                                    storage.join(output_dir(recipe), "data", split))
     return counts, prepared.report().lines()
 
