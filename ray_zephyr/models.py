@@ -6,32 +6,50 @@ copy (see `ray_zephyr.storage`); a local folder or a hub id is passed through to
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from ray_zephyr import storage
 from ray_zephyr.chat_template import check_trainable_template, set_chat_template
 from ray_zephyr.config import Recipe
 from ray_zephyr.embedded import MODEL_VERSION, save_embedded_model
 from ray_zephyr.errors import UserError
+
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 def embedded_model_dir() -> Path:
     return Path.home() / ".cache" / "ray_zephyr" / MODEL_VERSION
 
 
+def check_model_source(name: str, key: str = "model") -> None:
+    """A model that is none of `embedded`, a complete URI, an existing path or a hub id is a one-line error, before
+    anything is loaded (every job that takes a model calls this, through `resolve_model_path`)."""
+    if storage.is_uri(name):
+        storage.check_complete(name)
+        return
+    if name == "embedded" or Path(name).exists():
+        return
+    if not HUB_ID.match(name):
+        hint = " (run jobs/sft.py first: it writes <output_dir>/model)" if name.rstrip("/").endswith("model") else ""
+        raise UserError(f"{key} {name!r} does not exist{hint}")
+
+
 def resolve_model_path(name_or_path: str) -> str:
     """A local folder for `embedded` or a URI; a local folder or a hub id as given."""
+    check_model_source(name_or_path)
     if name_or_path == "embedded":
         return str(save_embedded_model(embedded_model_dir()))
-    from ray_zephyr.storage import local_copy
-
-    return local_copy(name_or_path)
+    return storage.local_copy(name_or_path)
 
 
 def load_tokenizer(recipe: Recipe) -> PreTrainedTokenizerBase:
     """The model's tokenizer with the recipe's chat template; a pad token if it has none."""
-    name = resolve_model_path(recipe.model.tokenizer or recipe.model.name_or_path)
+    source = recipe.model.tokenizer or recipe.model.name_or_path
+    check_model_source(source, "model.tokenizer" if recipe.model.tokenizer else "model.name_or_path")
+    name = resolve_model_path(source)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             name, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code

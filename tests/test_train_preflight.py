@@ -35,3 +35,24 @@ def test_more_workers_than_the_cluster_has(ray_session, tmp_path):
         check_cluster(_recipe(tmp_path, "train.num_workers=64", "train.global_batch_size=512"))
     with pytest.raises(UserError, match="needs 2 GPUs but the Ray cluster has 0"):
         check_cluster(_recipe(tmp_path, "train.use_gpu=true"))
+
+
+def test_every_job_checks_the_model_path_the_same_way_before_any_work(tmp_path):
+    """preview (as README runs it, before SFT), serving and the training jobs: the same one line, no traceback."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from ray_zephyr.serving.engines import load_engine
+    from ray_zephyr.serving.settings import ServeSettings
+
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "jobs/preview.py", "--config", "tiny-dpo"], cwd=Path(__file__).parents[1],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].endswith(
+        "model.name_or_path 'outputs/tiny-sft/model' does not exist (run jobs/sft.py first: it writes <output_dir>/model)")
+    assert time.monotonic() - start < 60  # before Ray starts
+    with pytest.raises(UserError, match=r"model 'outputs/nope/model' does not exist \(run jobs/sft.py first"):
+        load_engine(ServeSettings(model="outputs/nope/model", engine="transformers", num_gpus=0))

@@ -10,7 +10,6 @@ from there, wherever the workers ran.
 from __future__ import annotations
 
 import json
-import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,14 +20,12 @@ import ray
 from ray_zephyr import storage
 from ray_zephyr.config import Recipe
 from ray_zephyr.errors import UserError
-from ray_zephyr.models import resolve_model_path
+from ray_zephyr.models import check_model_source, resolve_model_path
 from ray_zephyr.train import checkpoint, faults
 from ray_zephyr.train.deepspeed_setup import grad_accumulation_steps
 from ray_zephyr.train.plan import WorkerPlan
 from ray_zephyr.train.rows import Layout, write_rows
 from ray_zephyr.train.run_files import SUMMARY
-
-HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 @dataclass
@@ -46,18 +43,6 @@ def output_dir(recipe: Recipe) -> str:
 
 def storage_path(recipe: Recipe) -> str:
     return storage.absolute(recipe.train.storage_path or storage.join(recipe.train.output_dir, "ray"))
-
-
-def check_model_path(recipe: Recipe) -> None:
-    name = recipe.model.name_or_path
-    if storage.is_uri(name):
-        storage.check_complete(name)
-        return
-    if name == "embedded" or Path(name).exists():
-        return
-    if not HUB_ID.match(name):
-        hint = " (run jobs/sft.py first: it writes <output_dir>/model)" if name.rstrip("/").endswith("model") else ""
-        raise UserError(f"model.name_or_path {name!r} does not exist{hint}")
 
 
 def check_storage(recipe: Recipe) -> None:
@@ -115,7 +100,7 @@ def check_shared_output(recipe: Recipe) -> None:
 
 def preflight(recipe: Recipe) -> None:
     """Fail fast, with one line, before any compute is spent."""
-    check_model_path(recipe)
+    check_model_source(recipe.model.name_or_path, "model.name_or_path")
     grad_accumulation_steps(recipe.train)
     check_storage(recipe)
     check_cluster(recipe)
