@@ -273,7 +273,16 @@ def load_recipe(name_or_path: str, overrides: Sequence[str] = (), kind: type[Rec
         raise UserError(f"recipe {path}: expected a mapping of sections, got {type(raw).__name__}")
     for override in overrides:
         apply_override(raw, override)
-    return validate_recipe(raw, source=str(path), kind=kind)
+    try:
+        return kind.model_validate(raw)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = _dotted(error["loc"])
+        keys = {o.partition("=")[0]: o for o in overrides}
+        given = next((o for k, o in keys.items() if where == k or where.startswith(k + ".") or k.startswith(where + ".")),
+                     None)
+        source = f"command line ({given})" if given else str(path)
+        raise UserError(f"{source}: {_describe(error, kind)}") from None
 
 
 def apply_override(raw: dict, override: str) -> None:
@@ -313,6 +322,18 @@ def validate_recipe(raw: dict, source: str = "recipe", kind: type[RecipeKind] = 
         raise UserError(f"{source}: {_describe(exc.errors()[0], kind)}") from None
 
 
+# TRL's TrainingArguments names a user brings along -> where the same setting lives in a training recipe
+TRL_NAMES = {
+    "learning_rate": "train.lr", "num_train_epochs": "train.epochs", "lr_scheduler_type": "train.lr_scheduler",
+    "per_device_train_batch_size": "train.per_device_batch_size",
+    "gradient_accumulation_steps": "train.global_batch_size (accumulation = global_batch_size / (num_workers x "
+                                   "per_device_batch_size))",
+    "logging_steps": "train.log_every_steps", "eval_steps": "train.eval_every_steps",
+    "save_steps": "train.checkpoint_every_steps", "model_name_or_path": "model.name_or_path",
+    "max_seq_length": "data.max_length", "packing": "train.padding_free (padding-free batches)",
+}
+
+
 def _describe(error: dict, root: type[BaseModel] = Recipe) -> str:
     """One line for the first validation error: where, what, and what is allowed."""
     loc = error["loc"]
@@ -323,6 +344,8 @@ def _describe(error: dict, root: type[BaseModel] = Recipe) -> str:
         fields = list(section.model_fields) if section else []
         close = difflib.get_close_matches(str(loc[-1]), fields, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
+        if root is Recipe and (ours := TRL_NAMES.get(str(loc[-1]))):
+            hint = f" (TRL's {loc[-1]}; here: {ours})"
         inside = f" in {_dotted(loc[:-1])!r}" if loc[:-1] else ""
         return f"unknown key {where!r}{hint}; valid keys{inside}: {', '.join(fields)}"
     if kind == "missing":

@@ -105,6 +105,21 @@ def test_cli_prints_one_line_error_and_exits_2():
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        f"error: {recipe_file('tiny-sft')}: unknown key 'train.lrr' (did you mean 'lr'?); valid keys in 'train': "
+        "error: command line (train.lrr=1): unknown key 'train.lrr' (did you mean 'lr'?); valid keys in 'train': "
         + ", ".join(__import__("ray_zephyr.config", fromlist=["TrainConfig"]).TrainConfig.model_fields)
     ]
+
+
+def test_trl_names_point_to_ours_and_command_line_errors_say_so(tmp_path):
+    with pytest.raises(UserError, match=r"^command line \(train.learning_rate=1e-5\): unknown key 'train.learning_rate' "
+                                        r"\(TRL's learning_rate; here: train.lr\)"):
+        load_recipe("tiny-sft", ["train.learning_rate=1e-5"])
+    with pytest.raises(UserError, match=r"\(TRL's per_device_train_batch_size; here: train.per_device_batch_size\)"):
+        load_recipe("tiny-sft", ["train.per_device_train_batch_size=4"])
+    with pytest.raises(UserError, match=r"^command line \(train.epochs=two\): train.epochs: expected integer"):
+        load_recipe("tiny-sft", ["train.epochs=two"])
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text(Path(str(recipe_file("tiny-sft"))).read_text().replace("  epochs: 3", "  num_train_epochs: 3"))
+    with pytest.raises(UserError, match=rf"^{recipe}: unknown key 'train.num_train_epochs' \(TRL's num_train_epochs; "
+                                        r"here: train.epochs\)"):
+        load_recipe(str(recipe), ["seed=1"])  # the typo is in the file, not in the override
