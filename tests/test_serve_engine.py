@@ -169,5 +169,8 @@ def test_api_without_a_key_is_open(service):
 
 
 def test_missing_model_folder_is_a_user_error(tmp_path):
-    with pytest.raises(UserError, match="not a Hugging Face model folder"):
+    with pytest.raises(UserError, match=r"model '.*/nothing' does not exist"):
         load_engine(ServeSettings(model=str(tmp_path / "nothing"), engine="transformers", num_gpus=0))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="not a Hugging Face model folder"):
+        load_engine(ServeSettings(model=str(tmp_path / "empty"), engine="transformers", num_gpus=0))
