@@ -279,9 +279,10 @@ def load_recipe(name_or_path: str, overrides: Sequence[str] = (), kind: type[Rec
         error = exc.errors()[0]
         where = _dotted(error["loc"])
         keys = {o.partition("=")[0]: o for o in overrides}
-        given = next((o for k, o in keys.items() if where == k or where.startswith(k + ".") or k.startswith(where + ".")),
-                     None)
-        source = f"command line ({given})" if given else str(path)
+        given = next((o for k, o in keys.items() if where == k or where.startswith(k + ".")), None)
+        # a section's own check (loc = the section, or the root) may come from the file or from overrides inside it
+        inside = [o for k, o in keys.items() if not where or k.startswith(where + ".")]
+        source = f"command line ({given})" if given else f"{path} with {', '.join(inside)}" if inside else str(path)
         raise UserError(f"{source}: {_describe(error, kind)}") from None
 
 

@@ -1,7 +1,8 @@
 """Where models come from: a name or path becomes a local Hugging Face folder, and its tokenizer is loaded.
 
 `embedded` is the toy model (made on first use in the project's cache), a URI (`s3://...`) this node's cached
-copy (see `ray_zephyr.storage`); a local folder or a hub id is passed through to transformers.
+copy (see `ray_zephyr.storage`); a local folder or a hub id is passed through to transformers. Anything else
+(a path that does not exist here) is a one-line error before anything is loaded.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from ray_zephyr.config import Recipe
 from ray_zephyr.embedded import MODEL_VERSION, save_embedded_model
 from ray_zephyr.errors import UserError
 
-HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")  # owner/name, or a bare legacy name (gpt2)
 
 
 def embedded_model_dir() -> Path:
@@ -37,9 +38,10 @@ def check_model_source(name: str, key: str = "model") -> None:
         raise UserError(f"{key} {name!r} does not exist{hint}")
 
 
-def resolve_model_path(name_or_path: str) -> str:
-    """A local folder for `embedded` or a URI; a local folder or a hub id as given."""
-    check_model_source(name_or_path)
+def resolve_model_path(name_or_path: str, key: str = "model") -> str:
+    """A local folder for `embedded` or a URI; a local folder or a hub id as given (checked first; `key` names
+    the setting in the error)."""
+    check_model_source(name_or_path, key)
     if name_or_path == "embedded":
         return str(save_embedded_model(embedded_model_dir()))
     return storage.local_copy(name_or_path)
@@ -48,8 +50,7 @@ def resolve_model_path(name_or_path: str) -> str:
 def load_tokenizer(recipe: Recipe) -> PreTrainedTokenizerBase:
     """The model's tokenizer with the recipe's chat template; a pad token if it has none."""
     source = recipe.model.tokenizer or recipe.model.name_or_path
-    check_model_source(source, "model.tokenizer" if recipe.model.tokenizer else "model.name_or_path")
-    name = resolve_model_path(source)
+    name = resolve_model_path(source, "model.tokenizer" if recipe.model.tokenizer else "model.name_or_path")
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             name, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code

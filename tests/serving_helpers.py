@@ -1,6 +1,6 @@
 """What the Serve tests of both engines share (tests/test_serve_app.py with transformers, tests/test_vllm_serve.py
 with vLLM): the app on loopback, the client's constants, the bad-input table, the fuzz, and finding replicas and
-waiting for their replacements. A module of its own, not a test module, so that no test module imports another."""
+waiting for their replacements. A module of its own, not a test module, so that the two Serve test modules do not import each other."""
 
 from __future__ import annotations
 

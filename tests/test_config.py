@@ -123,3 +123,5 @@ def test_trl_names_point_to_ours_and_command_line_errors_say_so(tmp_path):
     with pytest.raises(UserError, match=rf"^{recipe}: unknown key 'train.num_train_epochs' \(TRL's num_train_epochs; "
                                         r"here: train.epochs\)"):
         load_recipe(str(recipe), ["seed=1"])  # the typo is in the file, not in the override
+    with pytest.raises(UserError, match=r"tiny-sft.yaml with data.shuffle=false, data.eval_fraction=2: data: eval_fraction"):
+        load_recipe("tiny-sft", ["data.shuffle=false", "data.eval_fraction=2", "seed=1"])  # a check of the section

@@ -13,7 +13,8 @@ def _recipe(tmp_path, *overrides):
     return load_recipe("tiny-sft", [f"train.output_dir={tmp_path}/out", *overrides])
 
 
-def test_missing_model_path(tmp_path):
+def test_missing_model_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the recipe's relative outputs/tiny-sft/model, wherever a checkout has one
     recipe = load_recipe("tiny-dpo", [f"train.output_dir={tmp_path}/out"])  # outputs/tiny-sft/model, not made here
     with pytest.raises(UserError, match=r"model.name_or_path 'outputs/tiny-sft/model' does not exist \(run jobs/sft.py"):
         preflight(recipe)
@@ -48,7 +49,8 @@ def test_every_job_checks_the_model_path_the_same_way_before_any_work(tmp_path):
     from ray_zephyr.serving.settings import ServeSettings
 
     start = time.monotonic()
-    done = subprocess.run([sys.executable, "jobs/preview.py", "--config", "tiny-dpo"], cwd=Path(__file__).parents[1],
+    preview = Path(__file__).parents[1] / "jobs" / "preview.py"
+    done = subprocess.run([sys.executable, str(preview), "--config", "tiny-dpo"], cwd=tmp_path,  # no outputs/ there
                           capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].endswith(
@@ -56,3 +58,12 @@ def test_every_job_checks_the_model_path_the_same_way_before_any_work(tmp_path):
     assert time.monotonic() - start < 60  # before Ray starts
     with pytest.raises(UserError, match=r"model 'outputs/nope/model' does not exist \(run jobs/sft.py first"):
         load_engine(ServeSettings(model="outputs/nope/model", engine="transformers", num_gpus=0))
+
+
+def test_hub_ids_with_and_without_an_owner_pass_the_model_check():
+    from ray_zephyr.models import check_model_source
+
+    for name in ("HuggingFaceTB/SmolLM2-135M-Instruct", "gpt2", "embedded"):
+        check_model_source(name)
+    with pytest.raises(UserError, match="'outputs/x/model' does not exist"):
+        check_model_source("outputs/x/model")

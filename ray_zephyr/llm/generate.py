@@ -57,7 +57,7 @@ class _Completions:
 
 class EngineCompletions(_Completions):
     """Our serving stack without HTTP: the same template rendering, limits and engine (transformers or vLLM)
-    as `serve/app.py`. A batch's prompts are submitted at once, so either engine decodes them together. One
+    as `ray_zephyr/serving/app.py`. A batch's prompts are submitted at once, so either engine decodes them together. One
     event loop per actor, for all its batches: an engine's background tasks (vLLM's output handler) live on it."""
 
     def __init__(self, spec: GeneratorConfig):

@@ -1,6 +1,7 @@
 """Fault injection for the tests, in one place: `RAY_ZEPHYR_FAULT=<point>:<step>`.
 
-- `after_step:S`: the last worker dies (the process exits) once, after global step S; Ray Train then
+- `after_step:S`: the last worker dies (the process exits) once, when the loop is done with global step S (its
+  samples recorded, any checkpoint or report of it made); Ray Train then
   restarts the worker group from the last checkpoint.
 - `mid_save:S`: the process writing the final model dies once every file but the last is written, after
   step S, so the tests can check that no half-written model folder is left for later jobs.
@@ -46,12 +47,12 @@ def planned() -> Fault | None:
 
 def after_steps(fault: Fault | None, steps: Iterable[T], first_step: int, output_dir: str, attempt: str,
                 last_rank: bool) -> Iterator[T]:
-    """`steps` (global steps first_step + 1, ...); on the last rank, dies when asked for the step after
-    `fault.step` (so step S is done, its samples recorded and any report of it made)."""
+    """`steps` (global steps first_step + 1, ...); on the last rank, dies once the loop is done with step
+    `fault.step` (its samples recorded, any report of it made), also when it is the last step of the slice."""
     for step, item in enumerate(steps, first_step + 1):
-        if fault and fault.point == "after_step" and step == fault.step + 1 and last_rank:
-            fault.fire(output_dir, attempt)
         yield item
+        if fault and fault.point == "after_step" and step == fault.step and last_rank:
+            fault.fire(output_dir, attempt)
 
 
 def mid_save(fault: Fault | None, step: int, output_dir: str, attempt: str):

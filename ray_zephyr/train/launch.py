@@ -20,7 +20,7 @@ import ray
 from ray_zephyr import storage
 from ray_zephyr.config import Recipe
 from ray_zephyr.errors import UserError
-from ray_zephyr.models import check_model_source, resolve_model_path
+from ray_zephyr.models import check_model_source, load_tokenizer, resolve_model_path
 from ray_zephyr.train import checkpoint, faults
 from ray_zephyr.train.deepspeed_setup import grad_accumulation_steps
 from ray_zephyr.train.plan import WorkerPlan
@@ -137,7 +137,6 @@ def run_training(recipe: Recipe, on_start: Callable[[int], None] | None = None) 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from ray_zephyr.models import load_tokenizer
     from ray_zephyr.train.loop import train_loop
 
     preflight(recipe)

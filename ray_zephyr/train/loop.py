@@ -61,7 +61,7 @@ def train_loop(config: dict) -> None:
         """Collated micro-batches of `steps` (each a list of arrays of sample ids), prepared ahead in a
         background thread."""
         batches = collated(objective, rows.micro_batches(ids for step in steps for ids in step), train.use_gpu)
-        return iter_with_stall_timeout(batches, recipe.data.stall_timeout_s, what, recipe.data.start_timeout_s)
+        return iter_with_stall_timeout(batches, recipe.data.stall_timeout_s, what)  # a local row file: no cold start
 
     def run_eval() -> dict:
         if eval_rows is None:
