@@ -18,10 +18,10 @@ from ray_zephyr.serving.vllm_engine import VLLMEngine
 
 
 def load_engine(settings: ServeSettings) -> Engine:
-    """Build the configured engine. The folder holds a Hugging Face model, or a LoRA adapter (peft format) that
-    names its base model."""
+    """Build the configured engine. A local folder holds a Hugging Face model, or a LoRA adapter (peft format)
+    that names its base model; a hub id is handed to the engine, which downloads it."""
     model_dir = resolve_model_path(settings.model)
-    if not any((Path(model_dir) / name).is_file() for name in ("config.json", ADAPTER_CONFIG)):
+    if Path(model_dir).exists() and not any((Path(model_dir) / name).is_file() for name in ("config.json", ADAPTER_CONFIG)):
         raise UserError(f"model {model_dir!r} is not a Hugging Face model folder nor a LoRA adapter folder (no "
                         f"config.json or {ADAPTER_CONFIG} in it)")
     if settings.engine == "vllm":
