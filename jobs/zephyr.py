@@ -12,7 +12,6 @@ The terminal shows progress bars and the results; Ray's, DeepSpeed's and the wor
 import argparse
 import json
 import os
-import secrets
 import shutil
 import sys
 import threading
@@ -22,7 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ray_zephyr.errors import run_cli
-from ray_zephyr.runtime import free_ports
+from ray_zephyr.serving.sample_chats import served_chats
 
 CHAT_PROMPTS = ["What is 3 plus 4?", "Sort 8 1 5.", "Spell tiger backwards."]
 SERVED_NAME = "zephyr-tiny"
@@ -122,34 +121,6 @@ def train_with_progress(recipe, label: str, bar_file):
         done.set()
         thread.join()
         bar.close()
-
-
-def served_chats(model_dir: Path, prompts: list[str], own_ray: bool) -> list[tuple[str, str]]:
-    """Deploy the chat app (transformers engine, API key on) on 127.0.0.1 and ask it through the openai client."""
-    from openai import OpenAI
-    from ray import serve
-
-    from ray_zephyr.serving.app import build_app
-    from ray_zephyr.serving.settings import ServeSettings
-
-    key = secrets.token_hex(16)
-    settings = ServeSettings(model=str(model_dir), model_name=SERVED_NAME, engine="transformers", api_key=key,
-                             num_gpus=0, min_replicas=1, max_replicas=1)
-    port = free_ports()[0]
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    try:
-        serve.run(build_app(settings), name="zephyr-chat", route_prefix="/")
-        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, timeout=120)
-        answers = []
-        for prompt in prompts:
-            reply = client.chat.completions.create(model=SERVED_NAME, messages=[{"role": "user", "content": prompt}],
-                                                   max_tokens=32, temperature=0)
-            answers.append((prompt, reply.choices[0].message.content))
-        return answers
-    finally:
-        serve.delete("zephyr-chat")
-        if own_ray:
-            serve.shutdown()
 
 
 def task_accuracies(dpo_recipe, sft_dir: Path, dpo_dir: Path) -> dict[str, float]:
@@ -263,7 +234,7 @@ def main(argv=None) -> None:
             evaluate_preferences(dpo_recipe, str(sft.model_dir), str(dpo.model_dir)),
             task_accuracies(dpo_recipe, sft.model_dir, dpo.model_dir)))
         plot_curves(read_metrics(sft.metrics_file), read_metrics(dpo.metrics_file), out / "training_curves.png")
-        chats = timed("chat", lambda: served_chats(dpo.model_dir, CHAT_PROMPTS, own_ray))
+        chats = timed("chat", lambda: served_chats(dpo.model_dir, CHAT_PROMPTS, SERVED_NAME, own_ray))
         stages.close()
         timings["total"] = time.perf_counter() - start
         text, numbers = summary(out, sft, aif, dpo, evaluation, accuracy, chats, timings)

@@ -1,4 +1,4 @@
-"""Chat formatting: the tokenizer's own template, or Zephyr's for tokenizers that have none.
+"""Chat formatting: the tokenizer's own template, Zephyr's for tokenizers that have none, or SmolLM2's ChatML.
 
 The Zephyr template carries `{% generation %}` markers so that `apply_chat_template(...,
 return_assistant_tokens_mask=True)` marks exactly the assistant tokens (content + end-of-turn), the
@@ -24,6 +24,24 @@ ZEPHYR_TEMPLATE = (
     "{%- if add_generation_prompt %}{{ '<|assistant|>\n' }}{%- endif %}"
 )
 
+# SmolLM2-Instruct's own template (a default system turn, ChatML turns), with the generation markers it lacks, so
+# that SFT can start from it: tests/test_chat_template.py renders both and checks they give the same text.
+SMOLLM2_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if loop.first and messages[0]['role'] != 'system' %}"
+    "{{- '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+    "{%- endif %}"
+    "{%- if message['role'] == 'assistant' %}"
+    "{{- '<|im_start|>assistant\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
+    "{{- '\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{%- endif %}"
+)
+NAMED_TEMPLATES = {"zephyr": ZEPHYR_TEMPLATE, "smollm2": SMOLLM2_TEMPLATE}
+
 
 def has_generation_markers(template: str) -> bool:
     return re.search(r"\{%-?\s*generation\s*-?%\}", template) is not None
@@ -31,7 +49,9 @@ def has_generation_markers(template: str) -> bool:
 
 def set_chat_template(tokenizer: PreTrainedTokenizerBase, choice: str = "auto") -> PreTrainedTokenizerBase:
     """Give `tokenizer` the template the recipe asks for (auto: its own, else Zephyr's); returns it."""
-    if choice == "zephyr" or (choice == "auto" and not tokenizer.chat_template):
+    if choice in NAMED_TEMPLATES:
+        tokenizer.chat_template = NAMED_TEMPLATES[choice]
+    elif choice == "auto" and not tokenizer.chat_template:
         tokenizer.chat_template = ZEPHYR_TEMPLATE
     elif choice != "auto":
         tokenizer.chat_template = choice
@@ -43,7 +63,7 @@ def check_trainable_template(tokenizer: PreTrainedTokenizerBase) -> None:
     if not has_generation_markers(tokenizer.chat_template or ""):
         raise UserError(
             "the tokenizer's chat template has no {% generation %} markers, so assistant tokens cannot be "
-            "found for the loss; set data.chat_template=zephyr or give a template with the markers"
+            "found for the loss; set data.chat_template=zephyr (or smollm2 for SmolLM2-Instruct) or give a template with the markers"
         )
 
 

@@ -69,7 +69,8 @@ class DataConfig(StrictSection):
     eval_fraction: float = Field(0.0, description=(
         "rows of the train sources held out for eval (deterministic by seed)"))
     chat_template: str = Field("auto", description=(
-        "auto (the tokenizer's own, Zephyr's if none), zephyr, or a Jinja template"))
+        "auto (the tokenizer's own, Zephyr's if none), zephyr, smollm2 (SmolLM2-Instruct's own with the generation "
+        "markers SFT needs), or a Jinja template"))
     add_bos: Literal["auto", "true", "false"] = Field("auto", description=(
         "true: every sequence starts with the tokenizer's BOS, as the original zephyr-7b-beta runs tokenized them; "
         "false: never; auto: as TRL 1.16 does (whatever the template or tokenizer gives)"))
@@ -123,7 +124,9 @@ class LoraConfig(StrictSection):
 
 
 class ModelConfig(StrictSection):
-    name_or_path: str = Field(description='hub id, local folder (a model, or a LoRA adapter: merged into its base), or "embedded"')
+    name_or_path: str = Field(description=(
+        'hub id, local folder (a model, or a LoRA adapter: merged into its base), a .gguf file (or a folder holding '
+        'one: dequantized once per node), a URI, or "embedded"'))
     tokenizer: str | None = Field(None, description="defaults to name_or_path")
     revision: str | None = Field(None, description="hub only: a commit, tag or branch of the model")
     trust_remote_code: bool = Field(False, description=(
@@ -185,6 +188,8 @@ class TrainConfig(StrictSection):
     log_every_steps: int = Field(10, ge=1, description=(
         "write train metrics to metrics.jsonl every this many steps (and at the last)"))
     eval_every_steps: int = Field(0, ge=0, description="0: only at the end")
+    eval_on_start: bool = Field(False, description=(
+        "also evaluate before the first step (the start model's eval loss and metrics: TRL's eval_on_start)"))
     checkpoint_every_steps: int = Field(0, ge=0, description=(
         "0: no mid-run checkpoints (the final model is always saved)"))
     max_failures: int = Field(3, ge=0, description=(
@@ -330,6 +335,7 @@ TRL_NAMES = {
     "gradient_accumulation_steps": "train.global_batch_size (accumulation = global_batch_size / (num_workers x "
                                    "per_device_batch_size))",
     "logging_steps": "train.log_every_steps", "eval_steps": "train.eval_every_steps",
+    "eval_on_start": "train.eval_on_start",
     "save_steps": "train.checkpoint_every_steps", "model_name_or_path": "model.name_or_path",
     "max_seq_length": "data.max_length", "packing": "train.padding_free (padding-free batches)",
 }

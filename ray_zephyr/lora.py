@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ray_zephyr import storage
+from ray_zephyr import gguf, storage
 from ray_zephyr.config import LoraConfig
 from ray_zephyr.errors import UserError
 from ray_zephyr.models import resolve_model_path
@@ -71,10 +71,11 @@ def load_merged(path: str, load_model: Callable[[str], nn.Module]) -> nn.Module:
 
 def base_name(name_or_path: str, resolved: str) -> str:
     """How an adapter names its base so that every node finds it: `embedded`, a URI or a hub id as the recipe wrote
-    it, a local folder by its absolute path."""
+    it, a GGUF file (which each node dequantizes into its own cache) or a local folder by its absolute path."""
     if name_or_path == "embedded" or storage.is_uri(name_or_path) or not Path(resolved).exists():
         return name_or_path
-    return str(Path(resolved).resolve())
+    source = gguf.gguf_file(name_or_path)
+    return str((source or Path(resolved)).resolve())
 
 
 def four_bit_options(use_gpu: bool) -> dict:

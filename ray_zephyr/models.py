@@ -1,8 +1,9 @@
 """Where models come from: a name or path becomes a local Hugging Face folder, and its tokenizer is loaded.
 
 `embedded` is the toy model (made on first use in the project's cache), a URI (`s3://...`) this node's cached
-copy (see `ray_zephyr.storage`); a local folder or a hub id is passed through to transformers. Anything else
-(a path that does not exist here) is a one-line error before anything is loaded.
+copy (see `ray_zephyr.storage`), a `.gguf` file (or a folder holding one) this node's dequantized copy (see
+`ray_zephyr.gguf`); a local folder or a hub id is passed through to transformers. Anything else (a path that does
+not exist here, a bad GGUF file) is a one-line error before anything is loaded.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from ray_zephyr import storage
+from ray_zephyr import gguf, storage
 from ray_zephyr.chat_template import check_trainable_template, set_chat_template
 from ray_zephyr.config import Recipe
 from ray_zephyr.embedded import MODEL_VERSION, save_embedded_model
@@ -31,6 +32,10 @@ def check_model_source(name: str, key: str = "model") -> None:
     if storage.is_uri(name):
         storage.check_complete(name)
         return
+    gguf_file = gguf.gguf_file(name)
+    if gguf_file is not None:
+        gguf.check_gguf(gguf_file, key)
+        return
     if name == "embedded" or Path(name).exists():
         return
     if not HUB_ID.match(name):
@@ -39,12 +44,18 @@ def check_model_source(name: str, key: str = "model") -> None:
 
 
 def resolve_model_path(name_or_path: str, key: str = "model") -> str:
-    """A local folder for `embedded` or a URI; a local folder or a hub id as given (checked first; `key` names
-    the setting in the error)."""
+    """A local folder for `embedded`, a URI or a GGUF file; a local folder or a hub id as given (checked first;
+    `key` names the setting in the error)."""
     check_model_source(name_or_path, key)
     if name_or_path == "embedded":
         return str(save_embedded_model(embedded_model_dir()))
-    return storage.local_copy(name_or_path)
+    local = storage.local_copy(name_or_path)
+    gguf_file = gguf.gguf_file(local)
+    if gguf_file is not None:
+        if local != name_or_path:
+            gguf.check_gguf(gguf_file, key)  # a downloaded folder's file, checked once it is here
+        return str(gguf.dequantized(gguf_file))
+    return local
 
 
 def load_tokenizer(recipe: Recipe) -> PreTrainedTokenizerBase:

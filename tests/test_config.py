@@ -76,7 +76,7 @@ def test_bad_recipes_give_one_line_errors(override, message):
 
 
 def test_unknown_recipe_lists_the_shipped_ones():
-    with pytest.raises(UserError, match="not a file, and not one of tiny-dpo, tiny-sft"):
+    with pytest.raises(UserError, match="not a file, and not one of smollm2-135m-dpo, smollm2-135m-dpo-lora, tiny-dpo, tiny-sft"):
         load_recipe("tiny-sfx")
 
 
@@ -85,7 +85,7 @@ def test_one_loader_and_one_command_line_for_every_kind_of_recipe():
     from ray_zephyr.cli import parse_recipe_args
     from ray_zephyr.evaluation.config import EvalRecipe
 
-    assert shipped_recipes(AIFRecipe) == ["tiny-aif", "ultrafeedback-gpt4"]
+    assert shipped_recipes(AIFRecipe) == ["smollm2-135m-aif", "tiny-aif", "ultrafeedback-gpt4"]
     assert shipped_recipes(EvalRecipe) == ["mt-bench-gpt4"]
     aif = load_recipe("tiny-aif", ["generators.0.n=8"], AIFRecipe)
     assert isinstance(aif, AIFRecipe) and aif.generators[0].n == 8

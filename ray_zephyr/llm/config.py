@@ -30,7 +30,8 @@ class GeneratorConfig(StrictSection):
     kind: Literal["transformers", "vllm", "openai", "function"] = Field("transformers", description=(
         "transformers or vllm: a model run in Ray Data actors; openai: an OpenAI-compatible endpoint; function: a "
         "Python function"))
-    model: str | None = Field(None, description='transformers/vllm: HF folder, hub id or "embedded"')
+    model: str | None = Field(None, description=(
+        'transformers/vllm: HF folder, hub id, .gguf file, URI or "embedded"'))
     function: str | None = Field(None, description='function: "module:function"(prompt messages, n, seed) -> n completions')
     endpoint: EndpointConfig | None = Field(None, description="openai")
     n: int = Field(2, ge=1, description="completions per prompt")

@@ -38,8 +38,9 @@ def vllm_resources_problem(num_gpus: float, engine_args: dict[str, Any]) -> str 
 class ServeSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    model: str = Field("embedded", description="Hugging Face folder to serve, a LoRA adapter folder (served on its "
-                       "base), or `embedded` (the tiny default)")
+    model: str = Field("embedded", description="Hugging Face folder to serve, a hub id, a LoRA adapter folder "
+                       "(served on its base), a .gguf file (dequantized once per node), a URI, or `embedded` (the "
+                       "tiny default)")
     model_name: str | None = Field(None, description="name clients pass as `model`; default: the folder's name")
     engine: Literal["vllm", "transformers"] = Field("vllm", description=(
         "vllm (GPU; vLLM's CPU build on CPU) or transformers (CPU, the embedded model)"))

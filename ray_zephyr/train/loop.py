@@ -74,6 +74,9 @@ def train_loop(config: dict) -> None:
 
     # -- loop --------------------------------------------------------------------------------------
     metrics: dict = {}
+    if train.eval_on_start and position.global_step == 0:
+        run_eval()
+        files.flush()
     while position.global_step < total_steps:
         if position.step_in_epoch == layout.steps_per_epoch:
             position.epoch, position.step_in_epoch = position.epoch + 1, 0

@@ -42,12 +42,16 @@ class ReferenceScorer:
 
 
 def add_reference_logps(ds: ray.data.Dataset, recipe: Recipe, model_path: str, pad_token_id: int) -> ray.data.Dataset:
-    """`ds` with reference log-prob columns, scored by up to num_workers actors (one GPU each on GPU clusters)."""
+    """`ds` with reference log-prob columns, scored by up to num_workers actors (one GPU each on GPU clusters).
+
+    The seeded sort before this leaves the rows in one block, which one actor would score alone while the others
+    wait: blocks of one batch each (in order) spread the rows over the whole pool."""
     train = recipe.train
-    return ds.map_batches(
+    batch_size = MICRO_BATCHES_PER_REFERENCE_BATCH * train.per_device_batch_size
+    return ds.repartition(target_num_rows_per_block=batch_size).map_batches(
         ReferenceScorer,
         fn_constructor_kwargs={"recipe": recipe, "model_path": model_path, "pad_token_id": pad_token_id},
-        batch_size=MICRO_BATCHES_PER_REFERENCE_BATCH * train.per_device_batch_size,
+        batch_size=batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=train.num_workers),
         num_gpus=1 if train.use_gpu else 0,
