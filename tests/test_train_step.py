@@ -69,6 +69,9 @@ def test_deepspeed_config_follows_the_recipe():
     assert "optimizer" not in reference and "offload_optimizer" not in reference["zero_optimization"]
     cpu = deepspeed_config(load_recipe("tiny-sft").train)
     assert cpu["bf16"] == {"enabled": False} and cpu["optimizer"]["params"]["torch_adam"]
+    sized = deepspeed_config(load_recipe("tiny-sft").train, hidden_size=4096)["zero_optimization"]  # zephyr-7b's
+    assert (sized["reduce_bucket_size"], sized["stage3_prefetch_bucket_size"],
+            sized["stage3_param_persistence_threshold"]) == (4096**2, int(0.9 * 4096**2), 40960)  # HF's "auto" values
 
 
 def test_one_step_hands_two_collectives_tensors_on_the_engine_device(embedded_model_dir, monkeypatch):

@@ -29,15 +29,21 @@ def grad_accumulation_steps(train: TrainConfig) -> int:
     return train.global_batch_size // per_step
 
 
-def deepspeed_config(train: TrainConfig, training: bool = True) -> dict:
+def deepspeed_config(train: TrainConfig, training: bool = True, hidden_size: int | None = None) -> dict:
     """The DeepSpeed config: bf16 on GPU, fp32 on CPU; ZeRO stage and offload as the recipe says.
 
     `training=False` gives the config of a frozen engine (the resident DPO reference): no optimizer, and
-    parameters partitioned only under ZeRO-3.
+    parameters partitioned only under ZeRO-3. With the model's `hidden_size`, ZeRO-3's buffers are sized as the HF
+    Trainer's "auto" sizes them (what TRL and the handbook's runs use): DeepSpeed's own defaults (a 500M-element
+    reduce bucket, 2 GB in fp32) are sized for billions of parameters and made a 135M model's step take 1.5x the
+    memory of TRL's (docs/benchmarks.md, real weights).
     """
     zero: dict = {"stage": train.zero_stage if training or train.zero_stage == 3 else 0}
     if train.zero_stage == 3:
-        zero |= {"stage3_param_persistence_threshold": 0 if train.offload_params else 10_000}
+        zero |= {"stage3_param_persistence_threshold": 0 if train.offload_params else 10 * (hidden_size or 1000)}
+        if hidden_size:
+            zero |= {"reduce_bucket_size": hidden_size * hidden_size,
+                     "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size)}
         if train.offload_params:
             zero["offload_param"] = {"device": "cpu", "pin_memory": train.use_gpu}
     if training and train.offload_optimizer:
@@ -63,6 +69,16 @@ def deepspeed_config(train: TrainConfig, training: bool = True) -> dict:
             config["zero_allow_untested_optimizer"] = True
             config["zero_force_ds_cpu_optimizer"] = False
     return config
+
+
+def hidden_size(model_path: str) -> int | None:
+    """The model's hidden size, from its config (an adapter's: its base's); None where it has none."""
+    from transformers import AutoConfig
+
+    folder = resolve_model_path(model_path)
+    if lora.is_adapter(folder):
+        folder = resolve_model_path(lora.adapter_base(folder))
+    return getattr(AutoConfig.from_pretrained(folder), "hidden_size", None)
 
 
 def warmup_steps(train: TrainConfig, total_steps: int) -> int:
@@ -142,7 +158,7 @@ def build_engine(recipe: Recipe, model_path: str, total_steps: int):
 
     deepspeed.init_distributed(dist_backend="nccl" if recipe.train.use_gpu else "gloo")  # wraps torch's group
     train = recipe.train
-    config = deepspeed_config(train)
+    config = deepspeed_config(train, hidden_size=hidden_size(model_path))
     zero3 = config["zero_optimization"]["stage"] == 3
     if zero3 and lora.is_adapter(resolve_model_path(model_path)):
         raise UserError(f"model.name_or_path {recipe.model.name_or_path!r} is a LoRA adapter, merged into its base as "
@@ -177,7 +193,7 @@ def build_reference(recipe: Recipe, model_path: str, policy=None):
 
     if recipe.model.lora:
         return lora.AdapterOff(policy, policy.module.lm)
-    config = deepspeed_config(recipe.train, training=False)
+    config = deepspeed_config(recipe.train, training=False, hidden_size=hidden_size(model_path))
     with zero3_loading(config):
         model = TokenScorer(load_causal_lm(recipe, model_path, recipe.train.use_gpu)).eval().requires_grad_(False)
         engine, *_ = deepspeed.initialize(model=model, config=config)
