@@ -151,7 +151,7 @@ def test_recipe_errors_are_one_line():
         load("ultrafeedback-gpt4", "generators.0.vllm_engine_args={tensor_parallel_size: 2}")
     with pytest.raises(UserError, match="vllm_engine_args are for kind vllm, not transformers"):
         load("tiny-aif", "generators.0.vllm_engine_args={enforce_eager: true}")
-    with pytest.raises(UserError, match="aif recipe 'mt-bench-gpt4' not found: not a file, and not one of tiny-aif, "):
+    with pytest.raises(UserError, match="aif recipe 'mt-bench-gpt4' not found: not a file, and not one of smollm2-135m-aif, tiny-aif, "):
         load("mt-bench-gpt4")  # each kind of recipe is found among its own shipped ones
     assert load("tiny-aif").judge.function == "ray_zephyr.embedded:verify"
     assert load("ultrafeedback-gpt4").binarize == "argilla"

@@ -74,5 +74,7 @@ def test_paged_adamw_takes_the_steps_of_adamw(embedded_model_dir):
         for step in range(3):
             train_step(engine, objective, batches[2 * step : 2 * step + 2])
         weights[optimizer] = {n: p for n, p in gathered_weights(engine).items() if ".lora_" in n}
+    # Each step moves an element by up to lr (0.02). The two add eps at different points, which shows where a gradient
+    # is near eps: up to 2e-6 here, more on other CPUs. A wrong optimizer (no bias correction, other betas) is off by ~lr.
     for name, expected in weights["adamw"].items():
-        torch.testing.assert_close(weights["paged_adamw"][name], expected, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(weights["paged_adamw"][name], expected, rtol=1e-4, atol=2e-5, msg=name)

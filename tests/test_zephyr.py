@@ -101,7 +101,7 @@ def test_served_chat_answers_are_printed(run):
             ids = model.generate(**prompt, max_new_tokens=32, do_sample=False)[0, prompt["input_ids"].shape[1]:]
         expected.append(tokenizer.decode(ids, skip_special_tokens=True).strip() or "(nothing: it ended its answer at once)")
     assert answers == expected
-    assert "ServeReplica:zephyr-chat:ChatDeployment" in (out / "zephyr.log").read_text()  # a Ray Serve replica answered
+    assert "ServeReplica:sample-chats:ChatDeployment" in (out / "zephyr.log").read_text()  # a Ray Serve replica answered
 
 
 def test_sft_stage_logs_evaluates_and_writes_a_model(run):
