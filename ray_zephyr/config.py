@@ -196,16 +196,59 @@ class TrainConfig(StrictSection):
         "worker-group restarts Ray Train makes from the last checkpoint before the run fails"))
 
 
+DPOLoss = Literal["sigmoid", "ipo", "hinge", "apo_zero", "apo_down", "simpo", "orpo"]
+REFERENCE_FREE = ("simpo", "orpo")  # objectives of their own (TRL's CPO/SimPO and ORPO trainers): no reference model
+
+
 class DPOConfig(StrictSection):
-    beta: float = Field(0.1, gt=0, description="DPO's beta: how far the policy may move from the reference")
-    loss_type: Literal["sigmoid", "ipo", "hinge"] = Field("sigmoid", description=(
-        "sigmoid (DPO), ipo or hinge, as TRL computes them"))
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="conservative DPO (sigmoid only)")
+    beta: float = Field(0.1, gt=0, description=(
+        "DPO's beta: how far the policy may move from the reference; SimPO's beta (its paper: 2 to 10); ORPO's "
+        "lambda, the odds-ratio term's weight"))
+    loss_type: DPOLoss | list[DPOLoss] = Field("sigmoid", description=(
+        "sigmoid (DPO), ipo, hinge, apo_zero, apo_down, as TRL's DPOTrainer computes them, or a list of them mixed "
+        "by loss_weights; simpo (TRL's CPOTrainer, loss_type simpo, cpo_alpha 0) or orpo (TRL's ORPOTrainer): "
+        "reference-free, no reference pass"))
+    loss_weights: list[float] | None = Field(None, description=(
+        "one weight per loss_type entry (TRL's loss_weights); none: 1 each"))
+    simpo_gamma: float = Field(0.5, ge=0, description="SimPO's target reward margin (TRL's simpo_gamma)")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="conservative DPO (sigmoid and simpo only)")
     reference: Literal["precomputed", "resident"] = Field("precomputed", description=(
         "precomputed: the reference log-probs computed once before training, into the row file; resident: a frozen "
-        "reference model beside the policy on every worker"))
+        "reference model beside the policy on every worker; simpo and orpo use none (the job says so)"))
     rpo_alpha: float = Field(0.0, ge=0, description=(
         "weight of an NLL term on the chosen answers (RPO); 0 = plain DPO"))
+
+    @property
+    def losses(self) -> list[tuple[str, float]]:
+        """(loss type, weight) pairs."""
+        types = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
+        return list(zip(types, self.loss_weights or [1.0] * len(types), strict=True))
+
+    @property
+    def uses_reference(self) -> bool:
+        return self.losses[0][0] not in REFERENCE_FREE
+
+    @model_validator(mode="after")
+    def _check(self) -> DPOConfig:
+        types = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
+        if not types:
+            raise ValueError("loss_type is an empty list: name at least one loss")
+        if self.loss_weights is not None and len(self.loss_weights) != len(types):
+            raise ValueError(f"loss_weights has {len(self.loss_weights)} weights for {len(types)} loss types")
+        free = [t for t in types if t in REFERENCE_FREE]
+        if free and len(types) > 1:
+            raise ValueError(f"loss_type {free[0]} is an objective of its own (no reference model) and does not mix "
+                             f"with other loss types; give it alone")
+        if self.label_smoothing and types not in (["sigmoid"], ["simpo"]):
+            raise ValueError(f"label_smoothing applies to sigmoid and simpo only, not to {', '.join(types)}")
+        if "simpo_gamma" in self.model_fields_set and types != ["simpo"]:
+            raise ValueError(f"simpo_gamma is SimPO's margin; loss_type is {', '.join(types)}")
+        if free and self.reference == "resident":
+            raise ValueError(f"loss_type {free[0]} uses no reference model: reference=resident would load one for "
+                             f"nothing")
+        if types == ["orpo"] and self.rpo_alpha:
+            raise ValueError("rpo_alpha adds an NLL term, and orpo has its own (weight 1); remove rpo_alpha")
+        return self
 
 
 class Recipe(StrictSection):
@@ -281,7 +324,7 @@ def load_recipe(name_or_path: str, overrides: Sequence[str] = (), kind: type[Rec
     try:
         return kind.model_validate(raw)
     except ValidationError as exc:
-        error = exc.errors()[0]
+        error = _first_error(exc)
         where = _dotted(error["loc"])
         keys = {o.partition("=")[0]: o for o in overrides}
         given = next((o for k, o in keys.items() if where == k or where.startswith(k + ".")), None)
@@ -325,7 +368,7 @@ def validate_recipe(raw: dict, source: str = "recipe", kind: type[RecipeKind] = 
     try:
         return kind.model_validate(raw)
     except ValidationError as exc:
-        raise UserError(f"{source}: {_describe(exc.errors()[0], kind)}") from None
+        raise UserError(f"{source}: {_describe(_first_error(exc), kind)}") from None
 
 
 # TRL's TrainingArguments names a user brings along -> where the same setting lives in a training recipe
@@ -339,6 +382,12 @@ TRL_NAMES = {
     "save_steps": "train.checkpoint_every_steps", "model_name_or_path": "model.name_or_path",
     "max_seq_length": "data.max_length", "packing": "train.padding_free (padding-free batches)",
 }
+
+
+def _first_error(exc: ValidationError) -> dict:
+    """The first error, its location without pydantic's union-member tags (`literal[...]`): keys only."""
+    error = exc.errors()[0]
+    return error | {"loc": tuple(p for p in error["loc"] if not (isinstance(p, str) and "[" in p))}
 
 
 def _describe(error: dict, root: type[BaseModel] = Recipe) -> str:

@@ -184,3 +184,112 @@ def test_chunked_logps_equal_full_cross_entropy_and_trl_kernel(monkeypatch, soft
 
     trl_logps = ChunkedLogProbFunction.apply(hidden, weight, b, targets, 1.0, 128, softcap, 1.0, ("log_probs",))[0]
     torch.testing.assert_close(logps, trl_logps, atol=1e-5, rtol=1e-5)
+
+
+def _objective_loss_and_grads(recipe_overrides: list[str], model_dir, policy, reference, batch: dict):
+    """Our objective's loss, metrics and gradients on a batch (input_ids, attention_mask, completion_mask) of
+    [chosen; rejected] rows: one worker, one micro-batch, so the global denominators are this batch's."""
+    from ray_zephyr.config import load_recipe
+    from ray_zephyr.train.objectives import make_objective, orpo_score_mask
+
+    recipe = load_recipe("tiny-dpo", [f"model.name_or_path={model_dir}", "dpo.rpo_alpha=0", "train.padding_free=false",
+                                      *recipe_overrides])
+    objective = make_objective(recipe, 0, reference and TokenScorer(reference))
+    ours = {k: batch[k] for k in ("input_ids", "attention_mask", "completion_mask")}
+    ours |= {"lengths": ours["attention_mask"].sum(1), "completion_lengths": ours["completion_mask"].sum(1)}
+    if objective.kind == "orpo":
+        ours = orpo_score_mask(ours)
+    metrics = MetricSums()
+    loss = objective.loss(TokenScorer(policy), ours, objective.loss_denominator(ours), metrics)
+    loss.backward()
+    return loss.item(), metrics.means(), {n: p.grad.clone() for n, p in policy.named_parameters()}
+
+
+def _trl_loss_and_grads(trainer, batch: dict):
+    trainer.model.zero_grad()
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    stored = getattr(trainer, "_stored_metrics", None) or trainer._metrics  # CPO and ORPO keep theirs apart
+    return (loss.item(), {k: float(v[-1]) for k, v in stored["train"].items()},
+            {n: p.grad.clone() for n, p in trainer.model.named_parameters()})
+
+
+def _assert_grads_equal(ours: dict, theirs: dict) -> None:
+    assert sum(g.abs().sum() for g in ours.values()) > 0
+    for name, grad in theirs.items():
+        torch.testing.assert_close(ours[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("loss_type, weights", [(["apo_zero"], None), (["apo_down"], None),
+                                                (["sigmoid", "apo_zero"], [0.8, 0.2])])
+def test_apo_and_weighted_mixtures_equal_trl(embedded_model_dir, tmp_path, loss_type, weights):
+    """APO-zero, APO-down and a weighted mixture as TRL's DPOTrainer spells them (loss_type list, loss_weights):
+    the same loss, rewards and gradients on TRL's own batch of 6 pairs."""
+    import copy
+
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir)
+    policy, reference = _perturbed(embedded_model_dir, 5), AutoModelForCausalLM.from_pretrained(embedded_model_dir)
+    rows = [preference_row(0, "train", i) for i in range(6)]
+    data = Dataset.from_list([{"prompt": r["chosen"][:-1], "chosen": r["chosen"][-1:], "rejected": r["rejected"][-1:]} for r in rows])
+    args = trl.DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=6, beta=0.2, loss_type=loss_type,
+                         loss_weights=weights, max_length=48, report_to=[], use_cpu=True, bf16=False, seed=0)
+    ours_policy = copy.deepcopy(policy)
+    trainer = trl.DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=data, processing_class=tokenizer)
+    batch = _first_batch(trainer)
+    expected, trl_metrics, trl_grads = _trl_loss_and_grads(trainer, batch)
+
+    types = "[" + ", ".join(loss_type) + "]"
+    overrides = ["dpo.beta=0.2", f"dpo.loss_type={types}"] + ([f"dpo.loss_weights={weights}"] if weights else [])
+    loss, metrics, grads = _objective_loss_and_grads(overrides, embedded_model_dir, ours_policy, reference, batch)
+    assert loss == pytest.approx(expected, abs=1e-5) and metrics["loss"] == pytest.approx(expected, abs=1e-5)
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+        assert metrics[name] == pytest.approx(trl_metrics[name], abs=1e-5), name
+    _assert_grads_equal(grads, trl_grads)
+
+
+def _paired_batch(trainer) -> dict:
+    """TRL's CPO/ORPO batch (chosen_* and rejected_* tensors) as one [chosen; rejected] batch."""
+    batch = _first_batch(trainer)
+    joined = trainer.concatenated_inputs(batch, is_encoder_decoder=False, padding_value=getattr(trainer, "pad_token_id", None) or trainer.padding_value,
+                                         device=torch.device("cpu"))
+    return batch, {"input_ids": joined["concatenated_input_ids"], "attention_mask": joined["concatenated_attention_mask"],
+                   "completion_mask": (joined["concatenated_labels"] != -100).long()}
+
+
+@pytest.mark.parametrize("objective", ["simpo", "orpo"])
+def test_reference_free_objectives_equal_trl(embedded_model_dir, tmp_path, objective):
+    """SimPO (TRL's CPOTrainer, loss_type simpo, cpo_alpha 0) and ORPO (TRL's ORPOTrainer) on TRL's own batch of 6
+    pairs of uneven lengths: the same loss, rewards, log-probs and gradients, with no reference model."""
+    import copy
+
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir)
+    policy = _perturbed(embedded_model_dir, 6)
+    rows = [preference_row(0, "train", i) for i in range(6)]
+    data = Dataset.from_list([{"prompt": r["chosen"][:-1], "chosen": r["chosen"][-1:], "rejected": r["rejected"][-1:]} for r in rows])
+    common = {"output_dir": str(tmp_path), "per_device_train_batch_size": 6, "max_length": 64, "report_to": [],
+              "use_cpu": True, "bf16": False, "seed": 0}
+    if objective == "simpo":
+        trainer = CPOTrainer(model=policy, args=CPOConfig(loss_type="simpo", cpo_alpha=0.0, beta=2.0, simpo_gamma=0.7,
+                                                          **common), train_dataset=data, processing_class=tokenizer)
+        overrides = ["dpo.loss_type=simpo", "dpo.beta=2.0", "dpo.simpo_gamma=0.7"]
+    else:
+        trainer = ORPOTrainer(model=policy, args=ORPOConfig(beta=0.3, **common), train_dataset=data,
+                              processing_class=tokenizer)
+        overrides = ["dpo.loss_type=orpo", "dpo.beta=0.3"]
+    ours_policy = copy.deepcopy(trainer.model)
+    trl_batch, batch = _paired_batch(trainer)
+    chosen_lengths = batch["completion_mask"][:6].sum(1)
+    assert len(set(chosen_lengths.tolist())) > 1  # uneven: a token mean and a mean of row means differ
+    trainer.model.train()
+    expected, trl_metrics, trl_grads = _trl_loss_and_grads(trainer, trl_batch)
+
+    loss, metrics, grads = _objective_loss_and_grads(overrides, embedded_model_dir, ours_policy, None, batch)
+    assert loss == pytest.approx(expected, abs=1e-5) and metrics["loss"] == pytest.approx(expected, abs=1e-5)
+    names = ["rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+             "logps/rejected"] + (["nll_loss", "log_odds_ratio", "log_odds_chosen"] if objective == "orpo" else [])
+    for name in names:
+        assert metrics[name] == pytest.approx(trl_metrics[name], abs=1e-5), name
+    _assert_grads_equal(grads, trl_grads)

@@ -1,5 +1,5 @@
 """Padding-free micro-batches give the padded batch's loss, metrics and gradients (CPU, fp32), for SFT and for every
-DPO loss, on rows of very different lengths."""
+preference loss (DPO's, SimPO, ORPO), on rows of very different lengths."""
 
 from __future__ import annotations
 
@@ -55,9 +55,10 @@ def test_padding_free_sft_equals_padded(embedded_model_dir):
     _compare(_run(embedded_model_dir, recipes["false"], rows), _run(embedded_model_dir, recipes["true"], rows))
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge"])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge", "apo_zero", "apo_down", "simpo", "orpo"])
 def test_padding_free_dpo_equals_padded(embedded_model_dir, loss_type):
-    overrides = [f"model.name_or_path={embedded_model_dir}", f"dpo.loss_type={loss_type}", "dpo.beta=0.3"]
+    overrides = [f"model.name_or_path={embedded_model_dir}", f"dpo.loss_type={loss_type}", "dpo.beta=0.3",
+                 *(["dpo.rpo_alpha=0"] if loss_type == "orpo" else [])]
     recipes = {p: load_recipe("tiny-dpo", [*overrides, f"train.padding_free={p}"]) for p in ("false", "true")}
     tokenizer = load_tokenizer(recipes["false"])
     examples = []
@@ -71,5 +72,7 @@ def test_padding_free_dpo_equals_padded(embedded_model_dir, loss_type):
     with torch.no_grad():
         for p in reference.parameters():
             p.add_(torch.randn_like(p) * 0.05, alpha=1.0)
+    if not recipes["false"].dpo.uses_reference:
+        reference = None
     _compare(_run(embedded_model_dir, recipes["false"], rows, reference),
              _run(embedded_model_dir, recipes["true"], rows, reference))

@@ -115,7 +115,7 @@ def write_row_files(recipe: Recipe, tokenizer, model_path: str) -> tuple[dict[st
 
     prepared = build_datasets(recipe, tokenizer)
     datasets = {"train": prepared.train, "eval": prepared.eval}
-    if recipe.stage == "dpo" and recipe.dpo.reference == "precomputed":
+    if recipe.stage == "dpo" and recipe.dpo.uses_reference and recipe.dpo.reference == "precomputed":
         from ray_zephyr.train.reference import add_reference_logps
 
         datasets = {k: ds and add_reference_logps(ds, recipe, model_path, tokenizer.pad_token_id)
@@ -126,7 +126,12 @@ def write_row_files(recipe: Recipe, tokenizer, model_path: str) -> tuple[dict[st
         counts[split] = write_rows(iter_with_stall_timeout(batches, recipe.data.stall_timeout_s, f"{split} data",
                                                           recipe.data.start_timeout_s),
                                    storage.join(output_dir(recipe), "data", split))
-    return counts, prepared.report().lines()
+    lines = prepared.report().lines()
+    if recipe.stage == "dpo":
+        dpo = recipe.dpo
+        lines.append(f"reference: {dpo.reference}" if dpo.uses_reference
+                     else f"reference: none ({dpo.losses[0][0]} is reference-free: no reference pass)")
+    return counts, lines
 
 
 def run_training(recipe: Recipe, on_start: Callable[[int], None] | None = None) -> TrainResult:

@@ -1,7 +1,8 @@
-"""The objectives, dSFT and dDPO (sigmoid, IPO, hinge, cDPO label smoothing, RPO), numerically TRL 1.16's.
+"""The objectives, numerically TRL 1.16's: dSFT; dDPO (sigmoid, IPO, hinge, APO-zero/down, mixtures, cDPO label
+smoothing, RPO) as its DPOTrainer; SimPO as its CPOTrainer; ORPO as its ORPOTrainer (the last two reference-free).
 
 An objective says how to collate rows, what its loss is a mean over (`loss_denominator`: supervised tokens
-for SFT, pairs for DPO) and the loss itself; `step.train_step` does the rest. Metric names follow TRL
+for SFT, pairs for DPO, pairs and chosen tokens for ORPO) and the loss itself; `step.train_step` does the rest. Metric names follow TRL
 (`rewards/chosen`, `logps/chosen`, `mean_token_accuracy`, ...). Metrics are kept as sums plus counts
 (`MetricSums`) so they can be all-reduced across workers and accumulated over micro-batches, then divided
 once: the mean over the global batch, whatever the shard sizes.
@@ -97,7 +98,29 @@ def dpo_loss(
         chosen_len, rejected_len = completion_lengths.clamp(min=1.0).chunk(2)
         ipo_delta = chosen_logratios / chosen_len - rejected_logratios / rejected_len
         return (ipo_delta - 1 / (2 * beta)) ** 2
+    if loss_type == "apo_zero":  # APO (D'Oosterlinck et al., 2024), eq. 7: chosen up, rejected down
+        return 1 - torch.sigmoid(beta * chosen_logratios) + torch.sigmoid(beta * rejected_logratios)
+    if loss_type == "apo_down":  # eq. 8: both down, the rejected more (chosen answers worse than the model's own)
+        return torch.sigmoid(beta * chosen_logratios) + 1 - torch.sigmoid(beta * delta)
     raise ValueError(f"unknown DPO loss type {loss_type!r}")
+
+
+def simpo_loss(chosen_avg_logps: torch.Tensor, rejected_avg_logps: torch.Tensor, beta: float, gamma: float,
+               label_smoothing: float = 0.0) -> torch.Tensor:
+    """Per-pair SimPO loss (Meng et al., 2024) as TRL's CPOTrainer computes it: the margin of the length-normalised
+    log-probs over gamma/beta, no reference model."""
+    logits = chosen_avg_logps - rejected_avg_logps - gamma / beta
+    return -F.logsigmoid(beta * logits) * (1 - label_smoothing) - F.logsigmoid(-beta * logits) * label_smoothing
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, without cancellation (branching at -ln 2, as TRL does)."""
+    return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def orpo_log_odds(chosen_avg_logps: torch.Tensor, rejected_avg_logps: torch.Tensor) -> torch.Tensor:
+    """ORPO's (Hong et al., 2024) log odds ratio of chosen over rejected, from length-normalised log-probs."""
+    return (chosen_avg_logps - rejected_avg_logps) - (log1mexp(chosen_avg_logps) - log1mexp(rejected_avg_logps))
 
 
 def dpo_metrics(
@@ -155,26 +178,45 @@ class SFTObjective:
         return sft_loss(stats, denominator, metrics)
 
 
+def orpo_score_mask(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A [chosen; rejected] batch whose `completion_mask` becomes ORPO's `score_mask`: 2 on completion tokens, 1 on
+    the chosen rows' prompt tokens (scored by its NLL term only)."""
+    batch = dict(batch)
+    completion = batch.pop("completion_mask")
+    prompt = batch["attention_mask"] - completion
+    prompt[len(prompt) // 2 :] = 0
+    return batch | {"score_mask": 2 * completion + prompt}
+
+
 class DPOObjective:
-    """DPO over [chosen; rejected] batches, a mean over the global batch's pairs. The reference log-probs come
-    from the rows (precomputed) or from a resident frozen engine."""
+    """A preference objective over [chosen; rejected] batches, a mean over the global batch's pairs: DPO's losses
+    (mixed by weight), whose reference log-probs come from the rows (precomputed) or from a resident frozen engine;
+    or SimPO, or ORPO (whose NLL term is a mean over the global batch's chosen tokens), which use no reference."""
 
     def __init__(self, recipe: Recipe, pad_token_id: int, reference=None):
         self.pad_token_id, self.data, self.dpo, self.reference = pad_token_id, recipe.data, recipe.dpo, reference
         self.padding_free = recipe.train.padding_free
+        self.kind = "dpo" if self.dpo.uses_reference else self.dpo.losses[0][0]
+        # ORPO's NLL term also scores the chosen rows' prompts (TRL's ORPOTrainer, after the ORPO paper's code)
+        self.scored = "score_mask" if self.kind == "orpo" else "completion_mask"
 
     def collate(self, rows: dict) -> dict[str, torch.Tensor]:
         batch = collate_preference(rows, self.pad_token_id, self.data.max_length, self.data.truncation_mode)
         batch["lengths"] = batch["attention_mask"].sum(1)
         batch["completion_lengths"] = batch["completion_mask"].sum(1)
-        return pack(batch, "completion_mask") if self.padding_free else batch
+        if self.kind == "orpo":
+            batch = orpo_score_mask(batch)
+        return pack(batch, self.scored) if self.padding_free else batch
 
     def samples(self, batch: dict[str, torch.Tensor]) -> int:
         return len(batch["lengths"]) // 2
 
     def loss_denominator(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Pairs."""
-        return torch.tensor(self.samples(batch), device=batch["input_ids"].device)
+        """Pairs; for ORPO, [pairs, the chosen rows' scored tokens]."""
+        pairs = torch.tensor(self.samples(batch), device=batch["input_ids"].device)
+        if self.kind != "orpo":
+            return pairs
+        return torch.stack([pairs, (batch["lengths"][: self.samples(batch)] - 1).sum()])
 
     def reference_logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         if self.reference is None:
@@ -185,21 +227,64 @@ class DPOObjective:
 
     def loss(self, model, batch: dict[str, torch.Tensor], denominator: torch.Tensor, metrics: MetricSums,
              token_stats: bool = True) -> torch.Tensor:
-        stats = model(**model_inputs(batch, "completion_mask"), token_stats=token_stats)
-        chosen, rejected = sequence_logps(stats, len(batch["lengths"]))
+        stats = model(**model_inputs(batch, self.scored), token_stats=token_stats)
+        rows, beta = len(batch["lengths"]), self.dpo.beta
+        if self.kind == "orpo":
+            return self._orpo_loss(stats, batch, rows, denominator, metrics)
+        chosen, rejected = sequence_logps(stats, rows)
+        if self.kind == "simpo":
+            return self._simpo_loss(stats, chosen, rejected, rows, denominator, metrics)
         ref_chosen, ref_rejected = self.reference_logps(batch)
-        beta = self.dpo.beta
-        per_pair = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, batch["completion_lengths"], beta,
-                            self.dpo.loss_type, self.dpo.label_smoothing)
+        per_pair = sum(weight * dpo_loss(chosen, rejected, ref_chosen, ref_rejected, batch["completion_lengths"],
+                                         beta, loss_type, self.dpo.label_smoothing)
+                       for loss_type, weight in self.dpo.losses)
         if self.dpo.rpo_alpha:
             # RPO (Pang et al., 2024): DPO alone can lower the likelihood of the chosen answers too; a mean token
             # NLL on each chosen answer keeps them likely (TRL: loss_type [sigmoid, sft] with loss weights).
-            chosen_tokens, _ = stats.per_row(torch.ones_like(stats.logps), len(batch["lengths"])).chunk(2)
+            chosen_tokens, _ = stats.per_row(torch.ones_like(stats.logps), rows).chunk(2)
             nll = -chosen / chosen_tokens.clamp(min=1)
             metrics.add("nll_loss", nll.detach().sum(), len(nll))
             per_pair = per_pair + self.dpo.rpo_alpha * nll
         dpo_metrics(metrics, stats, per_pair, chosen, rejected, ref_chosen, ref_rejected, beta)
         return per_pair.sum() / denominator
+
+    # SimPO and ORPO score the length-normalised log-probs (TRL's `average_log_prob`) and log them as `logps/*`, and
+    # beta times them as `rewards/*`, as TRL's CPO and ORPO trainers do.
+
+    def _simpo_loss(self, stats: TokenStats, chosen: torch.Tensor, rejected: torch.Tensor, rows: int,
+                    denominator: torch.Tensor, metrics: MetricSums) -> torch.Tensor:
+        chosen_tokens, rejected_tokens = stats.per_row(torch.ones_like(stats.logps), rows).clamp(min=1).chunk(2)
+        chosen_avg, rejected_avg = chosen / chosen_tokens, rejected / rejected_tokens
+        per_pair = simpo_loss(chosen_avg, rejected_avg, self.dpo.beta, self.dpo.simpo_gamma, self.dpo.label_smoothing)
+        if self.dpo.rpo_alpha:  # CPO's NLL term (TRL's cpo_alpha), here a mean over each chosen answer's tokens
+            metrics.add("nll_loss", -chosen_avg.detach().sum(), rows // 2)
+            per_pair = per_pair - self.dpo.rpo_alpha * chosen_avg
+        zero = torch.zeros_like(chosen_avg)
+        dpo_metrics(metrics, stats, per_pair, chosen_avg, rejected_avg, zero, zero, self.dpo.beta)
+        return per_pair.sum() / denominator
+
+    def _orpo_loss(self, stats: TokenStats, batch: dict[str, torch.Tensor], rows: int, denominator: torch.Tensor,
+                   metrics: MetricSums) -> torch.Tensor:
+        """The chosen rows' token NLL (a mean over the global batch's chosen tokens, as SFT's) minus beta times the
+        mean log-sigmoid of the log odds ratio (a mean over its pairs)."""
+        pairs, pair_total, token_total = rows // 2, denominator[0], denominator[1].clamp(min=1)
+        scored = batch["score_mask"][:, 1:]
+        completion = stats.select(scored[scored.bool()] == 2)
+        chosen_nll = -stats.logps[stats.row < pairs].sum()
+        chosen, rejected = sequence_logps(completion, rows)
+        chosen_tokens, rejected_tokens = completion.per_row(torch.ones_like(completion.logps), rows).clamp(min=1).chunk(2)
+        chosen_avg, rejected_avg = chosen / chosen_tokens, rejected / rejected_tokens
+        log_odds = orpo_log_odds(chosen_avg, rejected_avg)
+        ratio = F.logsigmoid(log_odds)
+        loss = chosen_nll / token_total - self.dpo.beta * ratio.sum() / pair_total
+        metrics.add("nll_loss", chosen_nll.detach(), (stats.row < pairs).sum())
+        metrics.add("log_odds_ratio", ratio.detach().sum(), pairs)
+        metrics.add("log_odds_chosen", log_odds.detach().sum(), pairs)
+        # as `loss`, this micro-batch's share of the global loss, weighted so that the mean over workers is the loss
+        share = (loss.detach() * pair_total / pairs).expand(pairs)
+        zero = torch.zeros_like(chosen_avg)
+        dpo_metrics(metrics, completion, share, chosen_avg, rejected_avg, zero, zero, self.dpo.beta)
+        return loss
 
 
 def make_objective(recipe: Recipe, pad_token_id: int, reference=None):

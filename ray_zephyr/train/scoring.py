@@ -38,6 +38,11 @@ class TokenStats:
         """Sum `values` (one per token) per sequence."""
         return values.new_zeros(rows).index_add(0, self.row, values)
 
+    def select(self, keep: torch.Tensor) -> TokenStats:
+        """The statistics of the tokens where `keep` (one bool per token) is true."""
+        return TokenStats(*(None if v is None else v[keep] for v in (self.row, self.logps, self.entropy, self.is_top1,
+                                                                      self.mean_logits)))
+
 
 SCORE_CHUNK = 1024  # scored tokens whose fp32 logits ([chunk, vocab]) exist at once
 

@@ -51,7 +51,7 @@ def train_step(engine, objective, micro_batches: list[dict], token_stats: bool =
     start = time.perf_counter()
     engine.train()
     batches = [_on_device(engine, batch) for batch in micro_batches]
-    denominator = all_reduce_sum(torch.stack([objective.loss_denominator(b) for b in batches]).sum().double())
+    denominator = all_reduce_sum(torch.stack([objective.loss_denominator(b) for b in batches]).sum(0).double())
     denominator = denominator.clamp(min=1)
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     lr = engine.get_lr()[0]
