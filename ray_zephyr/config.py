@@ -153,6 +153,12 @@ class TrainConfig(StrictSection):
         "a local output_dir is mounted on every node (e.g. KubeRay's shared volume)"))
     resume: Literal["auto", "fresh"] = Field("auto", description=(
         "auto: resume matching checkpoints; fresh: delete them, start over"))
+    report_to: list[Literal["tensorboard", "mlflow"]] = Field([], description=(
+        "experiment trackers rank 0 logs metrics.jsonl's lines to (TRL's report_to), each an extra: "
+        "pip install 'ray-zephyr[tensorboard]' / '[mlflow]'"))
+    run_name: str | None = Field(None, description="the trackers' run name; default: output_dir's folder name")
+    project: str | None = Field(None, description=(
+        "the trackers' experiment (MLflow; MLFLOW_EXPERIMENT_NAME wins); default ray-zephyr"))
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = Field("PACK", description=(
         "of the workers over nodes"))
     padding_free: bool = Field(False, description=(
@@ -381,6 +387,7 @@ TRL_NAMES = {
     "eval_on_start": "train.eval_on_start",
     "save_steps": "train.checkpoint_every_steps", "model_name_or_path": "model.name_or_path",
     "max_seq_length": "data.max_length", "packing": "train.padding_free (padding-free batches)",
+    "report_to": "train.report_to", "run_name": "train.run_name",
 }
 
 

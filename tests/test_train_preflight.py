@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from ray_zephyr.config import load_recipe
@@ -23,6 +25,13 @@ def test_missing_model_path(tmp_path, monkeypatch):
 def test_batch_not_divisible(tmp_path):
     with pytest.raises(UserError, match="global_batch_size=20 is not a multiple of .* 8 x 2 = 16"):
         preflight(_recipe(tmp_path, "train.global_batch_size=20"))
+
+
+@pytest.mark.parametrize("tracker, extra", [("tensorboard", "tensorboard"), ("mlflow", "mlflow")])
+def test_a_tracker_that_is_not_installed_is_named_with_its_extra(tmp_path, monkeypatch, tracker, extra):
+    monkeypatch.setitem(sys.modules, tracker, None)  # Python's own way to make an import fail, as if not installed
+    with pytest.raises(UserError, match=rf"train.report_to: {tracker} is not installed .*pip install 'ray-zephyr\[{extra}\]'"):
+        preflight(_recipe(tmp_path, f"train.report_to=[{tracker}]"))
 
 
 def test_storage_path_that_is_a_file(tmp_path):

@@ -51,7 +51,10 @@ def runs(ray_session, tmp_path_factory, mistral_model_dir):
     one_worker = _run(tmp_path, mistral_model_dir, "one", "train.num_workers=1", "train.micro_batch_tokens=100")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(FAULT_ENV, "after_step:6")  # after the step-4 checkpoint
-        faulted = _run(tmp_path, mistral_model_dir, "faulted")
+        # set on the driver only (the workers already run): the run hands it to rank 0 wherever it lands
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+        faulted = _run(tmp_path, mistral_model_dir, "faulted", "train.report_to=[tensorboard, mlflow]",
+                       "train.project=resume-test")
     return tmp_path, plain, one_worker, faulted
 
 
@@ -141,3 +144,47 @@ def test_run_names_are_unique_per_output_path():
     a, b = checkpoint.run_name("/data/team-a/sft"), checkpoint.run_name("/data/team-b/sft")
     assert a.startswith("sft-") and b.startswith("sft-") and a != b
     assert checkpoint.run_name("s3://bucket/x/sft") != checkpoint.run_name("s3://other/x/sft")
+
+
+def _per_step(path: Path) -> tuple[dict[int, dict], dict[int, dict]]:
+    """metrics.jsonl's train lines by step: the first and the last line of each (a step redone after the restart
+    has two)."""
+    lines = [r for r in map(json.loads, path.read_text().splitlines()) if r["split"] == "train"]
+    return {r["step"]: r for r in reversed(lines)}, {r["step"]: r for r in lines}
+
+
+def test_trackers_hold_each_logged_step_once_across_the_restart(runs):
+    """MLflow (a local sqlite store, read back with its client) and TensorBoard (event files, read back with
+    tensorboard's reader): one run each, continued after the restart, every metric at every logged step equal to
+    metrics.jsonl's, each step once; the recipe as MLflow parameters, the model's URI and metrics.jsonl at the end."""
+    from mlflow import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tmp_path, *_ = runs
+    out = tmp_path / "faulted"
+    # the trackers keep the first attempt's line of step 6; the redone step computes the same (only timings differ)
+    expected, redone = _per_step(out / "metrics.jsonl")
+    assert sorted(expected) == [2, 4, 6, 8]
+    names = ["loss", "grad_norm", "lr", "tokens/s", "num_tokens", "mean_token_accuracy"]
+    for name in ("loss", "grad_norm", "num_tokens", "mean_token_accuracy"):
+        assert redone[6][name] == pytest.approx(expected[6][name], rel=1e-6), name
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("resume-test")
+    [run] = client.search_runs([experiment.experiment_id])
+    assert run.info.run_name == "faulted" and run.info.status == "FINISHED"
+    for name in names:
+        history = client.get_metric_history(run.info.run_id, name)
+        assert [m.step for m in history] == [2, 4, 6, 8], name
+        assert [m.value for m in history] == pytest.approx([expected[m.step][name] for m in history], rel=1e-6), name
+    assert run.data.params["train.lr"] == "0.003" and run.data.params["stage"] == "sft"
+    assert run.data.tags["model_uri"] == str(out / "model")
+    artifacts = Path(run.info.artifact_uri.removeprefix("file://"))
+    assert artifacts.is_relative_to(tmp_path) and (artifacts / "metrics.jsonl").read_text() == (out / "metrics.jsonl").read_text()
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    for name in names:
+        scalars = events.Scalars(name)
+        assert [e.step for e in scalars] == [2, 4, 6, 8], name
+        assert [e.value for e in scalars] == pytest.approx([expected[e.step][name] for e in scalars], rel=1e-6), name

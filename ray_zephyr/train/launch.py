@@ -17,7 +17,7 @@ from pathlib import Path
 
 import ray
 
-from ray_zephyr import storage
+from ray_zephyr import storage, tracking
 from ray_zephyr.config import Recipe
 from ray_zephyr.errors import UserError
 from ray_zephyr.models import check_model_source, load_tokenizer, resolve_model_path
@@ -102,6 +102,7 @@ def preflight(recipe: Recipe) -> None:
     """Fail fast, with one line, before any compute is spent."""
     check_model_source(recipe.model.name_or_path, "model.name_or_path")
     grad_accumulation_steps(recipe.train)
+    tracking.check_installed(recipe.train.report_to)
     check_storage(recipe)
     check_cluster(recipe)
     check_shared_output(recipe)
@@ -165,7 +166,7 @@ def run_training(recipe: Recipe, on_start: Callable[[int], None] | None = None) 
         recipe=recipe, model_path=model_path, tokenizer=tokenizer, output_dir=output, layout=layout,
         total_steps=total_steps, fingerprint=fingerprint, train_rows=storage.join(output, "data", "train"),
         eval_rows=storage.join(output, "data", "eval") if counts["eval"] else None, eval_size=counts["eval"],
-        fault=faults.planned(),
+        tracker_env=tracking.tracker_env(train.report_to), fault=faults.planned(),
     )
     trainer = TorchTrainer(
         train_loop,

@@ -21,6 +21,7 @@ import ray.train
 from ray_zephyr import storage
 from ray_zephyr.models import resolve_model_path
 from ray_zephyr.prefetch import iter_with_stall_timeout
+from ray_zephyr.tracking import Trackers
 from ray_zephyr.train import checkpoint, faults
 from ray_zephyr.train.deepspeed_setup import (
     build_engine,
@@ -54,7 +55,9 @@ def train_loop(config: dict) -> None:
     eval_rows = RowFile(plan.eval_rows) if plan.eval_rows else None
     resumed = checkpoint.load(engine, rank)
     position, fetched = resumed or (checkpoint.Position(), [])
-    files = RunFiles(output_dir, rank, attempt, resumed=resumed is not None)
+    trackers = Trackers(recipe, output_dir, resumed is not None, plan.tracker_env) if rank == 0 and train.report_to \
+        else None
+    files = RunFiles(output_dir, rank, attempt, resumed=resumed is not None, trackers=trackers)
     files.describe_worker(engine, resumed_from_step=position.global_step if resumed else None, fetched=fetched)
 
     def micro_batches(rows: RowFile, steps: list[list], what: str):
@@ -117,4 +120,6 @@ def train_loop(config: dict) -> None:
         save_merged(recipe, storage.join(output_dir, "model"), plan.tokenizer, storage.join(output_dir, "merged"))
     summary = metrics | final | {"step": position.global_step}
     files.write_summary(summary)
+    if trackers:
+        trackers.finish(storage.absolute(storage.join(output_dir, "model")))
     ray.train.report(summary)

@@ -6,7 +6,7 @@ The driver (`launch.run_training`) has checked the recipe, written the row files
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
 
@@ -27,4 +27,5 @@ class WorkerPlan:
     train_rows: str  # the train row file's folder
     eval_rows: str | None  # the eval row file's folder; None without an eval split
     eval_size: int  # rows in the eval row file
+    tracker_env: dict = field(default_factory=dict)  # the driver's tracker settings (`tracking.tracker_env`)
     fault: Fault | None = None  # tests only (`faults`): where to make a worker die once

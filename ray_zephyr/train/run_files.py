@@ -60,8 +60,8 @@ class JsonLines:
 class RunFiles:
     """One worker's side files; `resumed` keeps what an earlier attempt of this run wrote."""
 
-    def __init__(self, output_dir: str, rank: int, attempt: str, resumed: bool):
-        self.output_dir, self.rank, self.attempt = output_dir, rank, attempt
+    def __init__(self, output_dir: str, rank: int, attempt: str, resumed: bool, trackers=None):
+        self.output_dir, self.rank, self.attempt, self.trackers = output_dir, rank, attempt, trackers
         self.metrics = JsonLines(storage.join(output_dir, "metrics.jsonl"), resumed) if rank == 0 else None
         self.samples = JsonLines(storage.join(output_dir, "samples", f"rank{rank}.jsonl"), resumed)
         self.summary = storage.join(output_dir, SUMMARY)
@@ -71,7 +71,10 @@ class RunFiles:
 
     def log(self, split: str, step: int, epoch: int, metrics: dict) -> None:
         if self.metrics is not None:
-            self.metrics.append({"split": split, "step": step, "epoch": epoch, **metrics, "time": time.time()})
+            record = {"split": split, "step": step, "epoch": epoch, **metrics, "time": time.time()}
+            self.metrics.append(record)
+            if self.trackers:
+                self.trackers.log(record)
 
     def record_samples(self, epoch: int, step: int, ids: list[int]) -> None:
         self.samples.append({"attempt": self.attempt, "epoch": epoch, "step": step, "sample_ids": ids})
