@@ -14,13 +14,13 @@ import json
 import os
 import shutil
 import sys
-import threading
 import time
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
 from ray_zephyr.errors import run_cli
+from ray_zephyr.progress import train_with_progress
 from ray_zephyr.serving.sample_chats import served_chats
 
 CHAT_PROMPTS = ["What is 3 plus 4?", "Sort 8 1 5.", "Spell tiger backwards."]
@@ -81,46 +81,6 @@ def console(log_path: Path):
             os.close(fd)
         for stream in terminal:
             stream.close()
-
-
-def last_record(path: Path, **match) -> dict:
-    """The last JSON line of `path` whose fields equal `match` ({} if none yet)."""
-    try:
-        lines = path.read_text().splitlines()
-    except FileNotFoundError:
-        return {}
-    records = (json.loads(line) for line in reversed(lines) if line.strip())
-    return next((r for r in records if all(r.get(k) == v for k, v in match.items())), {})
-
-
-def train_with_progress(recipe, label: str, bar_file):
-    """run_training with a bar of optimizer steps, read from the step log the rank-0 worker appends."""
-    from tqdm import tqdm
-
-    from ray_zephyr.train.launch import run_training
-
-    output = Path(recipe.train.output_dir)
-    bar = tqdm(desc=f"{label} (preparing data)", total=None, unit="step", file=bar_file, leave=True, mininterval=0.5)
-    done = threading.Event()
-
-    def follow() -> None:
-        while not done.wait(0.5):
-            step = last_record(output / "samples" / "rank0.jsonl").get("step")
-            if step:
-                loss = last_record(output / "metrics.jsonl", split="train").get("loss")
-                bar.set_description(label, refresh=False)
-                if loss is not None:
-                    bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
-                bar.update(step - bar.n)
-
-    thread = threading.Thread(target=follow, daemon=True)
-    thread.start()
-    try:
-        return run_training(recipe, on_start=lambda total: bar.reset(total=total))
-    finally:
-        done.set()
-        thread.join()
-        bar.close()
 
 
 def task_accuracies(dpo_recipe, sft_dir: Path, dpo_dir: Path) -> dict[str, float]:

@@ -123,7 +123,7 @@ def jobs(cluster, s3_server, tmp_path_factory):
     local = tmp_path_factory.mktemp("local")
     sft = _submit(cluster, ["jobs/sft.py", "--config", "tiny-sft", *SMALL, f"train.output_dir={bucket}/sft",
                             "train.placement_strategy=STRICT_SPREAD", "train.checkpoint_every_steps=4"],
-                  {"RAY_ZEPHYR_FAULT": "after_step:6"})
+                  {"RAY_ZEPHYR_FAULT": "after_step:6", "RAY_ZEPHYR_PROGRESS_EVERY_S": "1"})
     bad = {
         "local": _submit(cluster, ["jobs/sft.py", "--config", "tiny-sft", f"train.output_dir={local}/sft"]),
         "key": _submit(cluster, ["jobs/sft.py", "--config", "tiny-sft", "train.lrr=1e-3", f"train.output_dir={local}/x"]),
@@ -154,6 +154,11 @@ def test_sft_then_dpo_from_its_uri_succeed_with_outputs_on_s3(jobs, s3_env):
         final = [line for line in job["output"].splitlines() if line.startswith("final: ")]
         assert final and final[0].startswith("final: step=12, loss="), job["output"][-3000:]  # from Ray Train's Result
         assert f"model: {bucket}/{name}/model" in job["output"]
+        # no terminal in a Ray job: plain progress lines, read from the run's files on S3 (dSFT: one a second)
+        progress = [line for line in job["output"].splitlines() if line.startswith(f"d{name.upper()}: ")]
+        assert progress[0] == f"d{name.upper()}: training 12 steps" and progress[-1].startswith(
+            f"d{name.upper()}: step 12/12 (100%), loss "), progress
+        assert name == "dpo" or len(progress) > 3, progress
         folder = storage.local_copy(f"{bucket}/{name}/model")
         models[name] = AutoModelForCausalLM.from_pretrained(folder).state_dict()
         assert "<|assistant|>" in AutoTokenizer.from_pretrained(folder).chat_template

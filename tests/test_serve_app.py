@@ -247,3 +247,60 @@ def test_a_replica_failing_its_health_check_is_replaced(ray_session, client):
             os.kill(pid, signal.SIGCONT)
         except ProcessLookupError:
             pass
+
+
+def _scrape(name: str, **labels: str) -> float:
+    """The sum over every series of `name` with these labels on this node's Prometheus endpoint (Ray's metrics)."""
+    import ray
+
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    total = 0.0
+    for line in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text.splitlines():
+        series, _, value = line.rpartition(" ")
+        if series.split("{")[0] == name and all(f'{k}="{v}"' in series for k, v in labels.items()):
+            total += float(value)
+    return total
+
+
+def test_serving_metrics_move_with_real_requests(base_url, client, prompt_tokens):
+    """Requests by status, tokens in and out, time to first token and per output token, requests in flight:
+    scraped from Ray's Prometheus endpoint after real requests (counted once each, 401 and 404 included)."""
+    names = {"ok": ("ray_rz_chat_requests_total", {"status": "200"}),
+             "unauthorized": ("ray_rz_chat_requests_total", {"status": "401"}),
+             "not_found": ("ray_rz_chat_requests_total", {"status": "404"}),
+             "prompt": ("ray_rz_chat_prompt_tokens_total", {}),
+             "completion": ("ray_rz_chat_completion_tokens_total", {}),
+             "first_token": ("ray_rz_chat_time_to_first_token_seconds_count", {}),
+             "per_token": ("ray_rz_chat_time_per_output_token_seconds_count", {})}
+
+    def read() -> dict[str, float]:
+        return {key: _scrape(name, model=MODEL, **labels) for key, (name, labels) in names.items()}
+
+    # Ray exports what replicas record every 10 s: wait until the earlier tests' last requests are in the baseline
+    before, steady_since = read(), time.monotonic()
+    while time.monotonic() - steady_since < 12:
+        time.sleep(2)
+        now = read()
+        if now != before:
+            before, steady_since = now, time.monotonic()
+    answers = [client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=8, temperature=0.9, seed=i)
+               for i in range(2)]
+    streamed = list(client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=8, stream=True,
+                                                   stream_options={"include_usage": True}))
+    assert httpx.post(f"{base_url}/v1/chat/completions", headers={"Authorization": "Bearer wrong"},
+                      json={"model": MODEL, "messages": HELLO}, timeout=60).status_code == 401
+    with pytest.raises(Exception, match="does not exist"):
+        client.chat.completions.create(model="nope", messages=HELLO)
+    completion_tokens = sum(a.usage.completion_tokens for a in answers) + streamed[-1].usage.completion_tokens
+    expected = {"ok": 3, "unauthorized": 1, "not_found": 1, "prompt": 3 * prompt_tokens,
+                "completion": completion_tokens, "first_token": 3}
+    deadline, delta = time.monotonic() + 90, {}
+    while time.monotonic() < deadline:
+        after = read()
+        delta = {key: after[key] - before[key] for key in names}
+        if all(delta[key] >= value for key, value in expected.items()):
+            break
+        time.sleep(2)
+    assert {key: delta[key] for key in expected} == expected
+    assert 1 <= delta["per_token"] <= 3  # answers of one token have no time per output token
+    assert _scrape("ray_rz_chat_requests_in_flight", model=MODEL) == 0

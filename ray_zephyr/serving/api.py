@@ -18,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from ray_zephyr.serving.metrics import CountStatus
 from ray_zephyr.serving.protocol import OpenAIError, parse_request
 from ray_zephyr.serving.service import ChatService, TokenizedRequest
 
@@ -83,6 +84,8 @@ def build_api(service: ChatService, api_key: str | None = None, max_request_byte
     app = FastAPI(title="ray-zephyr chat", docs_url=None, redoc_url=None)
     if api_key:
         app.add_middleware(RequireKey, api_key=api_key)
+    if service.metrics:
+        app.add_middleware(CountStatus, metrics=service.metrics)  # added last: outermost, so it sees 401s too
 
     @app.exception_handler(OpenAIError)
     async def openai_error(_: Request, exc: OpenAIError) -> JSONResponse:

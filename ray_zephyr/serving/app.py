@@ -23,6 +23,7 @@ from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
 from ray_zephyr.errors import UserError
 from ray_zephyr.serving.api import build_api
 from ray_zephyr.serving.engines import load_engine
+from ray_zephyr.serving.metrics import ServingMetrics
 from ray_zephyr.serving.service import ChatService
 from ray_zephyr.serving.settings import API_KEY_ENV, ServeSettings
 
@@ -49,7 +50,8 @@ class ChatDeployment:
                             f"${API_KEY_ENV}, or bind to 127.0.0.1")
         self.settings = settings
         self.engine = load_engine(settings)
-        self.service = ChatService(self.engine, settings.served_name(), settings.max_n, settings.default_max_tokens)
+        self.service = ChatService(self.engine, settings.served_name(), settings.max_n, settings.default_max_tokens,
+                                   ServingMetrics(settings.served_name()))
 
     def __serve_build_asgi_app__(self):
         return build_api(self.service, self.api_key, self.settings.max_request_bytes)

@@ -20,6 +20,7 @@ from openai.types.chat.chat_completion_chunk import Choice as ChunkChoice
 from openai.types.chat.chat_completion_chunk import ChoiceDelta
 
 from ray_zephyr.serving.engine import Engine, FinishReason, Piece, Sampling
+from ray_zephyr.serving.metrics import ServingMetrics
 from ray_zephyr.serving.protocol import ChatRequest, OpenAIError
 
 
@@ -44,8 +45,9 @@ class Answer:
 
 
 class ChatService:
-    def __init__(self, engine: Engine, model_name: str, max_n: int, default_max_tokens: int = 1024):
-        self.engine, self.model_name, self.max_n = engine, model_name, max_n
+    def __init__(self, engine: Engine, model_name: str, max_n: int, default_max_tokens: int = 1024,
+                 metrics: ServingMetrics | None = None):
+        self.engine, self.model_name, self.max_n, self.metrics = engine, model_name, max_n, metrics
         self.default_max_tokens = default_max_tokens  # when a request sets none: the room left, capped by this
         self.created = int(time.time())
 
@@ -95,8 +97,20 @@ class ChatService:
                               param="messages") from None
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def _pieces(self, tokenized: TokenizedRequest) -> AsyncIterator[list[Piece]]:
-        return self.engine.generate(tokenized.prompt_ids, tokenized.sampling, tokenized.id)
+    async def _pieces(self, tokenized: TokenizedRequest) -> AsyncIterator[list[Piece]]:
+        pieces = self.engine.generate(tokenized.prompt_ids, tokenized.sampling, tokenized.id)
+        if self.metrics is None:
+            async for batch in pieces:
+                yield batch
+            return
+        start, first, tokens = self.metrics.started(len(tokenized.prompt_ids)), None, 0
+        try:
+            async for batch in pieces:
+                first = first or self.metrics.first(start)
+                tokens += sum(p.tokens for p in batch)
+                yield batch
+        finally:
+            self.metrics.finished(tokens, first)
 
     def _usage(self, tokenized: TokenizedRequest, completion_tokens: int) -> CompletionUsage:
         prompt = len(tokenized.prompt_ids)

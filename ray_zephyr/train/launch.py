@@ -204,12 +204,13 @@ def summary(result: TrainResult) -> str:
 def main(stage: str, argv: list[str] | None = None) -> TrainResult:
     """`python jobs/<stage>.py --config <recipe> [key=value ...]`: joins the Ray cluster (or starts a local one)."""
     from ray_zephyr.cli import parse_recipe_args
+    from ray_zephyr.progress import train_with_progress
     from ray_zephyr.runtime import init_ray
 
     recipe, _ = parse_recipe_args(f"Zephyr d{stage.upper()} on Ray Train + DeepSpeed", argv)
     if recipe.stage != stage:
         raise UserError(f"this is a {recipe.stage} recipe; run it with jobs/{recipe.stage}.py")
     init_ray()
-    result = run_training(recipe)
+    result = train_with_progress(recipe, f"d{stage.upper()}")
     print(summary(result), flush=True)
     return result
