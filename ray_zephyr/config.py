@@ -14,7 +14,7 @@ import typing
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 import yaml
 from pydantic import (
@@ -27,6 +27,14 @@ from pydantic import (
 )
 
 from ray_zephyr.errors import UserError
+
+# Experiment trackers (ray_zephyr.tracking), the same three keys in training, AI-feedback and evaluation recipes
+ReportTo = Annotated[list[Literal["tensorboard", "mlflow"]], Field(description=(
+    "experiment trackers the job logs to (TRL's report_to), each an extra: pip install 'ray-zephyr[tensorboard]' / "
+    "'[mlflow]'; training logs metrics.jsonl's lines (rank 0), the other jobs their summary"))]
+RunName = Annotated[str | None, Field(description="the trackers' run name; default: output_dir's folder name")]
+Project = Annotated[str | None, Field(description=(
+    "the trackers' experiment (MLflow; MLFLOW_EXPERIMENT_NAME wins); default ray-zephyr"))]
 
 
 class StrictSection(BaseModel):
@@ -153,12 +161,9 @@ class TrainConfig(StrictSection):
         "a local output_dir is mounted on every node (e.g. KubeRay's shared volume)"))
     resume: Literal["auto", "fresh"] = Field("auto", description=(
         "auto: resume matching checkpoints; fresh: delete them, start over"))
-    report_to: list[Literal["tensorboard", "mlflow"]] = Field([], description=(
-        "experiment trackers rank 0 logs metrics.jsonl's lines to (TRL's report_to), each an extra: "
-        "pip install 'ray-zephyr[tensorboard]' / '[mlflow]'"))
-    run_name: str | None = Field(None, description="the trackers' run name; default: output_dir's folder name")
-    project: str | None = Field(None, description=(
-        "the trackers' experiment (MLflow; MLFLOW_EXPERIMENT_NAME wins); default ray-zephyr"))
+    report_to: ReportTo = []
+    run_name: RunName = None
+    project: Project = None
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = Field("PACK", description=(
         "of the workers over nodes"))
     padding_free: bool = Field(False, description=(

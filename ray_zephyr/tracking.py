@@ -1,6 +1,7 @@
 """Experiment trackers, TRL's `report_to`: rank 0 sends each line it writes to metrics.jsonl (same names, same steps,
 train and eval) to the trackers the recipe names, the resolved recipe as the run's parameters, and at the end the
-model's URI and metrics.jsonl itself.
+model's URI and metrics.jsonl itself. The AI-feedback and evaluation jobs report their summaries the same way
+(`report_summary`): counts, drops by reason, judge calls, scores.
 
 A tracker's own environment variables (MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME, MLFLOW_TRACKING_TOKEN, ...)
 are read on the driver and handed to the workers (`tracker_env`), so a job configured on the
@@ -79,7 +80,30 @@ class Trackers:
     def finish(self, model_uri: str) -> None:
         metrics_file = storage.local_copy(storage.join(self.output_dir, "metrics.jsonl"))
         for run in self.runs:
-            run.finish(model_uri, metrics_file)
+            run.finish({"model_uri": model_uri}, metrics_file)
+
+
+def report_summary(report_to: list[str], run_name: str | None, project: str | None, recipe, output_dir: str,
+                   summary: dict, summary_file: str) -> None:
+    """A job's summary as one tracker run per tracker: the recipe as parameters, every number in `summary` (nested
+    keys joined by '/', e.g. `unrated/unparseable`) at step 0, and `summary_file` attached."""
+    if not report_to:
+        return
+    os.environ.update(tracker_env(report_to))
+    name = run_name or storage.absolute(output_dir).rstrip("/").rsplit("/", 1)[-1]
+    params = _flatten(recipe.model_dump(mode="json"))
+    metrics = {k: float(v) for k, v in _leaves(summary).items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    for tracker in report_to:
+        run = OPENERS[tracker](name, project or "ray-zephyr", params, None, output_dir)
+        run.log(metrics, 0)
+        run.finish({"output_dir": storage.absolute(output_dir)}, summary_file)
+
+
+def _leaves(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        out |= _leaves(value, f"{prefix}{key}/") if isinstance(value, dict) else {f"{prefix}{key}": value}
+    return out
 
 
 def _logged_steps(metrics_path: str) -> set[tuple[str, int]]:
@@ -128,8 +152,9 @@ class TensorBoardRun:
             self.writer.add_scalar(key, value, step)
         self.writer.flush()
 
-    def finish(self, model_uri, metrics_file):
-        self.writer.add_text("model", model_uri)
+    def finish(self, tags, attachment):
+        for key, value in tags.items():
+            self.writer.add_text(key, value)
         self.writer.close()
         if self.dest:
             storage.publish_dir(self.local, self.dest)
@@ -165,9 +190,10 @@ class MLflowRun:
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()])
 
-    def finish(self, model_uri, metrics_file):
-        self.client.set_tag(self.run_id, "model_uri", model_uri)
-        self.client.log_artifact(self.run_id, metrics_file)
+    def finish(self, tags, attachment):
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, value)
+        self.client.log_artifact(self.run_id, attachment)
         self.client.set_terminated(self.run_id)
 
 

@@ -210,7 +210,10 @@ def serve_url(ray_session, embedded_model_dir):
 
 
 def test_aif_job_generates_judges_binarizes_and_resumes_from_the_cache(judge_server, serve_url, embedded_model_dir,
-                                                                        tmp_path):
+                                                                        tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     from ray_zephyr.aif.run import run_aif
     from ray_zephyr.config import validate_recipe
     from ray_zephyr.data.pipeline import build_datasets
@@ -228,7 +231,9 @@ def test_aif_job_generates_judges_binarizes_and_resumes_from_the_cache(judge_ser
         "judge": {"kind": "llm", "endpoint": _endpoint(judge_server).model_dump()},
         "binarize": "zephyr",
         "output_dir": str(tmp_path / "aif"),
+        "report_to": ["mlflow", "tensorboard"], "project": "aif-test",
     })
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     calls_before = len(judge_server.requests)
     summary = run_aif(recipe)
     assert summary.prompts == 6 and summary.completions == {"local": 12, "served": 6, "teacher": 6}
@@ -247,6 +252,17 @@ def test_aif_job_generates_judges_binarizes_and_resumes_from_the_cache(judge_ser
     again = run_aif(recipe)
     assert again.judge_calls == 0 and again.judge_cached == 24 and len(judge_server.requests) - calls_before == 24
     assert pq.read_table(tmp_path / "aif" / "pairs.parquet").to_pylist() == table
+
+    # Each run's summary reached the trackers: MLflow (read back through its client), TensorBoard (its reader).
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("aif-test").experiment_id], order_by=["start_time ASC"])
+    assert [r.data.metrics["judge_cached"] for r in runs] == [0, 24]
+    first = runs[0].data.metrics
+    assert (first["pairs"], first["prompts"], first["completions/local"], first["judge_calls"]) == (6, 6, 12, 24)
+    assert runs[0].data.params["binarize"] == "zephyr"
+    events = EventAccumulator(str(tmp_path / "aif" / "tensorboard"))
+    events.Reload()
+    assert [e.value for e in events.Scalars("pairs")] == [6, 6]
 
     # The DPO data pipeline reads the output as is.
     dpo = validate_recipe({"stage": "dpo", "model": {"name_or_path": str(embedded_model_dir)},

@@ -81,18 +81,30 @@ def test_mt_bench_grades_each_turn_with_the_protocol_temperatures_and_references
     assert again["judge"]["calls"] == 0 and again["mt_bench"] == m
 
 
-def test_alpaca_eval_randomizes_the_order_and_reports_both_win_rates(ray_session, stub, tmp_path):
+def test_alpaca_eval_randomizes_the_order_and_reports_both_win_rates(ray_session, stub, tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
     from ray_zephyr.evaluation.run import run_evaluation
 
     baseline = tmp_path / "baseline.json"
     baseline.write_text(json.dumps(BASELINE))
-    results = run_evaluation(_recipe(stub, tmp_path, alpaca_eval={"baseline": str(baseline)}))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    results = run_evaluation(_recipe(stub, tmp_path, alpaca_eval={"baseline": str(baseline)}, report_to=["mlflow"],
+                                     project="eval-test"))
     pairs = [json.loads(line) for line in (tmp_path / "eval" / "alpaca_eval_judgments.jsonl").read_text().splitlines()]
     first = [p["model_first"] for p in pairs]
     assert 0 < sum(first) < len(first)  # both orders are shown
     a = results["alpaca_eval"]  # the judge always picks position A: the model wins exactly when shown first
     assert a["win_rate"] == pytest.approx(np.mean(first)) and a["pairs"] == 8 and a["ties"] == 0
     assert 0 < a["length_controlled_win_rate"] < 1
+    # the scores and the judge's counts, as the tracker got them (read back through MLflow's client)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    [run] = client.search_runs([client.get_experiment_by_name("eval-test").experiment_id])
+    assert run.data.metrics["alpaca_eval/win_rate"] == pytest.approx(a["win_rate"])
+    assert run.data.metrics["alpaca_eval/length_controlled_win_rate"] == pytest.approx(a["length_controlled_win_rate"])
+    assert run.data.metrics["judge/calls"] == results["judge"]["calls"] > 0
+    assert run.data.params["alpaca_eval.baseline"] == str(baseline)
+    assert [f.path for f in client.list_artifacts(run.info.run_id)] == ["results.json"]
 
 
 def test_length_controlled_win_rate_removes_the_length_effect():

@@ -10,7 +10,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from ray_zephyr.config import SourceConfig, StrictSection
+from ray_zephyr.config import Project, ReportTo, RunName, SourceConfig, StrictSection
 from ray_zephyr.llm.config import EndpointConfig, GeneratorConfig
 
 
@@ -46,6 +46,9 @@ class AIFRecipe(StrictSection):
     binarize: Literal["zephyr", "argilla"] = Field("zephyr", description=(
         "highest overall vs random other / mean of aspects, ties dropped"))
     output_dir: str = Field(description="pairs.parquet, summary.json and the judge cache go here")
+    report_to: ReportTo = []
+    run_name: RunName = None
+    project: Project = None
 
     @model_validator(mode="after")
     def _check(self) -> AIFRecipe:

@@ -14,6 +14,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ray_zephyr import tracking
 from ray_zephyr.aif.binarize import Pair, binarize
 from ray_zephyr.aif.config import AIFRecipe
 from ray_zephyr.aif.judge import Judge
@@ -74,6 +75,7 @@ def run_aif(recipe: AIFRecipe) -> AIFSummary:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    tracking.check_installed(recipe.report_to)
     summary = AIFSummary()
     prompts = read_prompts(recipe.prompts, recipe.seed)
     summary.prompts = len(prompts)
@@ -114,6 +116,8 @@ def run_aif(recipe: AIFRecipe) -> AIFSummary:
             rows.append(_pair_row(prompt, outs, pair))
     summary.pairs, summary.dropped_prompts = len(rows), dict(dropped)
     (out_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2))
+    tracking.report_summary(recipe.report_to, recipe.run_name, recipe.project, recipe, str(out_dir), asdict(summary),
+                            str(out_dir / "summary.json"))
     if not rows:
         raise UserError(f"no preference pairs: {'; '.join(summary.lines())} (see {out_dir / 'summary.json'})")
     pq.write_table(pa.Table.from_pylist(rows), out_dir / "pairs.parquet")

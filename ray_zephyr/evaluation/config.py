@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from pydantic import Field, model_validator
 
-from ray_zephyr.config import StrictSection
+from ray_zephyr.config import Project, ReportTo, RunName, StrictSection
 from ray_zephyr.llm.config import EndpointConfig, GeneratorConfig
 
 
@@ -39,6 +39,9 @@ class EvalRecipe(StrictSection):
     mt_bench: MTBenchConfig | None = Field(None, description="run MT-Bench (omit to skip)")
     alpaca_eval: AlpacaEvalConfig | None = Field(None, description="run AlpacaEval (omit to skip)")
     output_dir: str = Field(description="answers, judgments and the summary go here")
+    report_to: ReportTo = []
+    run_name: RunName = None
+    project: Project = None
 
     @model_validator(mode="after")
     def _check(self) -> EvalRecipe:

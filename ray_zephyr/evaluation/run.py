@@ -11,6 +11,7 @@ import asyncio
 import json
 from pathlib import Path
 
+from ray_zephyr import tracking
 from ray_zephyr.cli import parse_recipe_args
 from ray_zephyr.evaluation import alpaca_eval, mt_bench
 from ray_zephyr.evaluation.config import EvalRecipe
@@ -23,6 +24,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def run_evaluation(recipe: EvalRecipe) -> dict:
+    tracking.check_installed(recipe.report_to)
     out = Path(recipe.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     results: dict = {}
@@ -57,6 +59,8 @@ def run_evaluation(recipe: EvalRecipe) -> dict:
         _write_jsonl(out / "alpaca_eval_judgments.jsonl", pairs)
         results["alpaca_eval"] = alpaca_eval.win_rates(pairs, baseline)
     (out / "results.json").write_text(json.dumps(results, indent=2))
+    tracking.report_summary(recipe.report_to, recipe.run_name, recipe.project, recipe, str(out), results,
+                            str(out / "results.json"))
     return results
 
 
