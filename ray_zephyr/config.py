@@ -172,6 +172,9 @@ class TrainConfig(StrictSection):
         "order each global batch longest first, so micro-batches hold similar lengths"))
     num_workers: int = Field(1, ge=1, description="Ray Train workers, one GPU each with use_gpu")
     use_gpu: bool = Field(False, description="train on GPUs (NCCL); false: CPU over gloo")
+    cpus_per_worker: int = Field(1, ge=1, description=(
+        "CPUs each Ray Train worker reserves; Ray sets its OMP_NUM_THREADS (torch's CPU threads) to it, which "
+        "CPU-offloaded Adam, the rank-0 merge and CPU training use"))
     epochs: int = Field(1, ge=1, description="passes over the training rows")
     max_steps: int = Field(-1, description="stop after this many optimizer steps; -1: epochs decide")
     global_batch_size: int = Field(8, ge=1, description="rows per optimizer step, over all workers")

@@ -83,6 +83,7 @@ def test_settings_defaults_suit_a_7b_model_on_one_gpu_per_replica():
     assert options["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 32,
                                              "upscale_delay_s": 30, "downscale_delay_s": 300}
     assert options["max_ongoing_requests"] == 64
+    assert ServeSettings(engine="transformers").num_gpus == 0  # the CPU engine holds no GPU by default
     assert ServeSettings(model="/x/zephyr-7b").served_name() == "zephyr-7b"
     assert ServeSettings(model="outputs/tiny-dpo/model").served_name() == "tiny-dpo"
 
@@ -92,6 +93,7 @@ def test_settings_defaults_suit_a_7b_model_on_one_gpu_per_replica():
     {"target_ongoing_requests": 100, "max_ongoing_requests": 10},
     {"engine": "vllm", "num_gpus": 0},  # on CPU vLLM needs kv_cache_memory_bytes
     {"engine": "vllm", "num_gpus": 1, "vllm_engine_args": {"tensor_parallel_size": 2}},  # 2 ranks on 1 GPU
+    {"engine": "transformers", "num_gpus": 1},  # it decodes on CPU: the GPU would sit idle
     {"engine": "tgi"},
     {"max_replicas": "many"},
     {"replicas": 2},

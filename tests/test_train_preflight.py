@@ -43,6 +43,8 @@ def test_storage_path_that_is_a_file(tmp_path):
 def test_more_workers_than_the_cluster_has(ray_session, tmp_path):
     with pytest.raises(UserError, match=r"num_workers=64 needs 64 CPUs but the Ray cluster has \d+"):
         check_cluster(_recipe(tmp_path, "train.num_workers=64", "train.global_batch_size=512"))
+    with pytest.raises(UserError, match=r"num_workers=2 x train.cpus_per_worker=8 needs 16 CPUs but the Ray cluster has \d+"):
+        check_cluster(_recipe(tmp_path, "train.cpus_per_worker=8"))
     with pytest.raises(UserError, match="needs 2 GPUs but the Ray cluster has 0"):
         check_cluster(_recipe(tmp_path, "train.use_gpu=true"))
 

@@ -8,7 +8,11 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from ray_zephyr.config import StrictSection
-from ray_zephyr.serving.settings import ServeSettings, vllm_resources_problem
+from ray_zephyr.serving.settings import (
+    ServeSettings,
+    transformers_gpus_problem,
+    vllm_resources_problem,
+)
 
 
 class EndpointConfig(StrictSection):
@@ -53,6 +57,8 @@ class GeneratorConfig(StrictSection):
         if self.kind in ("transformers", "vllm") and self.model is None:
             raise ValueError(f"generator {self.name!r}: kind {self.kind} needs a model")
         if self.kind == "vllm" and (problem := vllm_resources_problem(self.num_gpus, self.vllm_engine_args)):
+            raise ValueError(f"generator {self.name!r}: {problem}")
+        if self.kind == "transformers" and (problem := transformers_gpus_problem(self.num_gpus)):
             raise ValueError(f"generator {self.name!r}: {problem}")
         if self.vllm_engine_args and self.kind != "vllm":
             raise ValueError(f"generator {self.name!r}: vllm_engine_args are for kind vllm, not {self.kind}")

