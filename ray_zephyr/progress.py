@@ -1,9 +1,10 @@
-"""A training run's progress as the driver shows it: a bar on a terminal, and a plain line every few seconds where
-there is none (Ray job logs, CI), so a long run is never silent. Both follow the step log and metrics.jsonl the
-rank-0 worker writes under the output folder (a local path or a URI)."""
+"""Progress as the driver shows it: a bar on a terminal, and a plain line every few seconds where there is none
+(Ray job logs, CI), so a long job is never silent. A training run's bar follows the step log and metrics.jsonl the
+rank-0 worker writes under the output folder (a local path or a URI); the judges count their ratings (`progress`)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sys
@@ -28,17 +29,19 @@ def train_with_progress(recipe, label: str, stream: TextIO | None = None):
     and the time left."""
     from ray_zephyr.train.launch import run_training
 
-    stream = stream or sys.stderr
     output = recipe.train.output_dir
-    show = _Bar(label, stream) if stream.isatty() else _Lines(label, stream, float(os.environ.get(EVERY_ENV, "30")))
+    show = progress(label, "step", stream)
     done = threading.Event()
     poll = 5.0 if storage.is_uri(output) else 0.5  # an object store is read whole at each look
 
+    def look() -> None:
+        step = last_record(storage.join(output, "samples", "rank0.jsonl")).get("step")
+        if step:
+            show.update(step, last_record(storage.join(output, "metrics.jsonl"), split="train").get("loss"))
+
     def follow() -> None:
         while not done.wait(min(poll, show.every)):
-            step = last_record(storage.join(output, "samples", "rank0.jsonl")).get("step")
-            if step:
-                show.update(step, last_record(storage.join(output, "metrics.jsonl"), split="train").get("loss"))
+            look()
 
     thread = threading.Thread(target=follow, daemon=True)
     thread.start()
@@ -47,23 +50,50 @@ def train_with_progress(recipe, label: str, stream: TextIO | None = None):
     finally:
         done.set()
         thread.join()
+        look()  # the last steps, which a run shorter than one look would otherwise never show
         show.close()
+
+
+def progress(label: str, unit: str, stream: TextIO | None = None) -> _Bar | _Lines:
+    """A bar on a terminal, else plain lines every RAY_ZEPHYR_PROGRESS_EVERY_S seconds: `start(total)`, then
+    `update(done, loss)`, then `close()`."""
+    stream = stream or sys.stderr
+    if stream.isatty():
+        return _Bar(label, unit, stream)
+    return _Lines(label, unit, stream, float(os.environ.get(EVERY_ENV, "30")))
+
+
+async def gather_shown(label: str, unit: str, awaitables: list) -> list:
+    """`asyncio.gather(*awaitables)`, its progress shown as each one finishes."""
+    shown, done = progress(label, unit), 0
+    shown.start(len(awaitables))
+
+    async def counted(awaitable):
+        nonlocal done
+        result = await awaitable
+        done += 1
+        shown.update(done)
+        return result
+
+    try:
+        return list(await asyncio.gather(*(counted(a) for a in awaitables)))
+    finally:
+        shown.close()
 
 
 class _Bar:
     every = 0.5
 
-    def __init__(self, label: str, stream: TextIO):
+    def __init__(self, label: str, unit: str, stream: TextIO):
         from tqdm import tqdm
 
         self.label = label
-        self.bar = tqdm(desc=f"{label} (preparing data)", total=None, unit="step", file=stream, leave=True,
-                        mininterval=0.5)
+        self.bar = tqdm(desc=f"{label} (preparing)", total=None, unit=unit, file=stream, leave=True, mininterval=0.5)
 
     def start(self, total: int) -> None:
         self.bar.reset(total=total)
 
-    def update(self, step: int, loss: float | None) -> None:
+    def update(self, step: int, loss: float | None = None) -> None:
         self.bar.set_description(self.label, refresh=False)
         if loss is not None:
             self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
@@ -74,17 +104,17 @@ class _Bar:
 
 
 class _Lines:
-    """`<label>: step 12/40 (30%), loss 1.234, 0.8 steps/s, 35 s left`, at most every `every` seconds and at the end."""
+    """`<label>: step 12/40 (30%), loss 1.234, 0.80 steps/s, 35 s left`, at most every `every` seconds and at the end."""
 
-    def __init__(self, label: str, stream: TextIO, every: float):
-        self.label, self.stream, self.every = label, stream, every
+    def __init__(self, label: str, unit: str, stream: TextIO, every: float):
+        self.label, self.unit, self.stream, self.every = label, unit, stream, every
         self.total, self.started, self.last_shown, self.shown_step, self.state = None, None, 0.0, 0, (0, None)
 
     def start(self, total: int) -> None:
         self.total, self.started = total, time.monotonic()
-        self._print(f"{self.label}: training {total} steps")
+        self._print(f"{self.label}: {total} {self.unit}s")
 
-    def update(self, step: int, loss: float | None) -> None:
+    def update(self, step: int, loss: float | None = None) -> None:
         self.state = step, loss
         if time.monotonic() - self.last_shown >= self.every:
             self._show()
@@ -97,12 +127,12 @@ class _Lines:
         step, loss = self.state
         elapsed = time.monotonic() - (self.started or time.monotonic())
         rate = step / elapsed if elapsed > 0 else 0.0
-        parts = [f"{self.label}: step {step}/{self.total} ({100 * step / self.total:.0f}%)" if self.total
-                 else f"{self.label}: step {step}"]
+        parts = [f"{self.label}: {self.unit} {step}/{self.total} ({100 * step / self.total:.0f}%)" if self.total
+                 else f"{self.label}: {self.unit} {step}"]
         if loss is not None:
             parts.append(f"loss {loss:.4f}")
         if rate > 0:
-            parts.append(f"{rate:.2f} steps/s")
+            parts.append(f"{rate:.2f} {self.unit}s/s")
             if self.total:
                 parts.append(f"{(self.total - step) / rate:.0f} s left")
         self._print(", ".join(parts))

@@ -116,10 +116,13 @@ def test_bad_answers_timeouts_and_5xx_are_retried_then_counted(judge_server, tmp
     judge = Judge(config)
     judged = dict(zip(answers, judge.rate_all([(prompt, a) for a in answers])))
     assert all(judged[a][0] is not None for a in ("fine answer", "garbage once", "500 once"))
-    assert judged["garbage always"] == (None, "unparseable_missing_instruction_following")
-    assert judged["out of range"] == (None, "unparseable_out_of_range_instruction_following")
-    assert judged["500 always"] == (None, "judge_http_503")
-    assert judged["slow"] == (None, "judge_timeout")
+    assert judged["garbage always"][:2] == (None, "unparseable_missing_instruction_following")
+    assert judged["out of range"][:2] == (None, "unparseable_out_of_range_instruction_following")
+    assert judged["500 always"] == (None, "judge_http_503", [])
+    assert judged["slow"] == (None, "judge_timeout", [])
+    # the raw replies behind each verdict, one per attempt, for the audit trail
+    garbage = judged["garbage always"][2]
+    assert len(garbage) == 3 and len(set(garbage)) == 1 and len(judged["garbage once"][2]) == 2
     assert judge.stats.reasks == 1 + 2 + 2  # garbage once: 1 re-ask; the two unparseable ones: 2 each
     assert judge.unrated == {"unparseable_missing_instruction_following": 1,
                              "unparseable_out_of_range_instruction_following": 1, "judge_http_503": 1, "judge_timeout": 1}
@@ -131,7 +134,7 @@ def test_function_judge_is_the_task_verifier():
     judge = Judge(JudgeConfig(kind="function", function="ray_zephyr.embedded:verify"))
     prompt = [{"role": "user", "content": "What is 3 plus 4?"}]
     judged = judge.rate_all([(prompt, "3 plus 4 is 7."), (prompt, "3 plus 4 is 8."), (prompt, "plus 1 is.")])
-    assert [r.overall for r, _ in judged] == [1.0, 0.0, 0.0] == [verify(prompt, a) for a in
+    assert [r.overall for r, _, _ in judged] == [1.0, 0.0, 0.0] == [verify(prompt, a) for a in
                                                                  ("3 plus 4 is 7.", "3 plus 4 is 8.", "plus 1 is.")]
     with pytest.raises(UserError, match="no_such_module"):
         Judge(JudgeConfig(kind="function", function="no_such_module:f"))
@@ -210,7 +213,7 @@ def serve_url(ray_session, embedded_model_dir):
 
 
 def test_aif_job_generates_judges_binarizes_and_resumes_from_the_cache(judge_server, serve_url, embedded_model_dir,
-                                                                        tmp_path, monkeypatch):
+                                                                        tmp_path, monkeypatch, capsys):
     from mlflow import MlflowClient
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -239,6 +242,8 @@ def test_aif_job_generates_judges_binarizes_and_resumes_from_the_cache(judge_ser
     assert summary.prompts == 6 and summary.completions == {"local": 12, "served": 6, "teacher": 6}
     assert summary.judge_calls == 24 == len(judge_server.requests) - calls_before and summary.judge_cached == 0
     assert summary.rated == 24 and summary.pairs == 6 and summary.generated_tokens > 0
+    shown = capsys.readouterr().err.splitlines()  # no terminal here: plain progress lines
+    assert "judge: 24 ratings" in shown and any(line.startswith("judge: rating 24/24 (100%)") for line in shown)
 
     table = pq.read_table(tmp_path / "aif" / "pairs.parquet").to_pylist()
     for row in table:

@@ -156,7 +156,7 @@ def test_sft_then_dpo_from_its_uri_succeed_with_outputs_on_s3(jobs, s3_env):
         assert f"model: {bucket}/{name}/model" in job["output"]
         # no terminal in a Ray job: plain progress lines, read from the run's files on S3 (dSFT: one a second)
         progress = [line for line in job["output"].splitlines() if line.startswith(f"d{name.upper()}: ")]
-        assert progress[0] == f"d{name.upper()}: training 12 steps" and progress[-1].startswith(
+        assert progress[0] == f"d{name.upper()}: 12 steps" and progress[-1].startswith(
             f"d{name.upper()}: step 12/12 (100%), loss "), progress
         assert name == "dpo" or len(progress) > 3, progress
         folder = storage.local_copy(f"{bucket}/{name}/model")

@@ -51,12 +51,12 @@ def _recipe(stub: StubJudge, tmp_path, **sections) -> EvalRecipe:
         "judge": endpoint | {"model": "gpt-stub"}, "output_dir": str(tmp_path / "eval"), **sections})
 
 
-def test_mt_bench_grades_each_turn_with_the_protocol_temperatures_and_references(ray_session, stub, tmp_path):
+def test_mt_bench_grades_each_turn_with_the_protocol_temperatures_and_references(ray_session, stub, tmp_path, capsys):
     from ray_zephyr.evaluation.run import run_evaluation
 
     questions = tmp_path / "question.jsonl"
     questions.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
-    recipe = _recipe(stub, tmp_path, mt_bench={"questions": str(questions), "max_tokens": 16})
+    recipe = _recipe(stub, tmp_path, mt_bench={"questions": str(questions), "max_tokens": 16}, max_ungraded_fraction=0.2)
     start = len(stub.requests)
     results = run_evaluation(recipe)
     sent = stub.requests[start:]
@@ -67,6 +67,12 @@ def test_mt_bench_grades_each_turn_with_the_protocol_temperatures_and_references
         ("Write fizzbuzz.", 0.0), ("GARBAGE in python", 0.0)}
     second = next(r for r in answers if r["messages"][-1]["content"] == "Make it rhyme.")
     assert second["messages"][1] == {"role": "assistant", "content": "answer at T=0.7 to Write a haiku."}
+    judgments = [json.loads(line) for line in (tmp_path / "eval" / "mt_bench_judgments.jsonl").read_text().splitlines()]
+    fizz = next(j for j in judgments if str(j["question_id"]) == "3" and j["turn"] == 2)  # an auditable drop
+    assert fizz["judge_prompt"] == "single-v1-multi-turn" and fizz["judge_replies"] == ["I cannot rate this."] * 3
+    math = next(j for j in judgments if str(j["question_id"]) == "2" and j["turn"] == 1)
+    assert math["judge_prompt"] == "single-math-v1" and math["judge_replies"] == [
+        "It contradicts the reference. Rating: [[3]]"]
     graded = [last_user_text(r) for r in sent if r["model"] == "gpt-stub"]
     assert any("It is 4." in t and "What is 2+2?" in t for t in graded)  # reference-guided for math
 
@@ -76,9 +82,22 @@ def test_mt_bench_grades_each_turn_with_the_protocol_temperatures_and_references
     assert m["overall"] == pytest.approx((8 + 6 + 3 + 3 + 8) / 5)
     assert m["ungraded"] == {"unparseable_no_rating": 1} and results["judge"]["reasks"] == 2
     assert (tmp_path / "eval" / "mt_bench.png").read_bytes()[:4] == b"\x89PNG"
+    shown = capsys.readouterr().err.splitlines()
+    assert "MT-Bench judge: 6 turns" in shown and any(l.startswith("MT-Bench judge: turn 6/6 (100%)") for l in shown)
 
     again = run_evaluation(recipe)  # judge answers come from the cache
     assert again["judge"]["calls"] == 0 and again["mt_bench"] == m
+
+    # 1 of 6 turns ungraded is too many for the default 5%: the job fails with the counts, the partial scores kept
+    strict = recipe.model_copy(update={"max_ungraded_fraction": 0.05})
+    with pytest.raises(UserError, match=r"^MT-Bench: 1 of 6 turns ungraded \(17%: \{'unparseable_no_rating': 1\}\), "
+                                        r"above max_ungraded_fraction 0.05; the partial scores are in .*results.json$"):
+        run_evaluation(strict)
+    assert json.loads((tmp_path / "eval" / "results.json").read_text())["mt_bench"] == m
+
+    # a quick run: the first question only
+    first = run_evaluation(recipe.model_copy(update={"mt_bench": recipe.mt_bench.model_copy(update={"limit": 1})}))
+    assert first["mt_bench"]["categories"] == {"writing": 7.0} and first["mt_bench"]["graded"] == 2
 
 
 def test_alpaca_eval_randomizes_the_order_and_reports_both_win_rates(ray_session, stub, tmp_path, monkeypatch):
@@ -135,3 +154,22 @@ def test_verdict_parsing_and_judge_prompt_files(tmp_path):
     broken.write_text(json.dumps({"name": "single-v1", "system_prompt": "x", "prompt_template": "{question}"}) + "\n")
     with pytest.raises(UserError, match="no prompt named pair-v2"):
         load_judge_prompts(str(broken), ("pair-v2",))
+
+
+def test_the_judge_is_checked_before_any_answer_is_generated(stub, tmp_path, monkeypatch):
+    """A closed judge port and an unset key variable are one line before generation: no request reaches the
+    candidate's endpoint (here the stub) first."""
+    from ray_zephyr.evaluation.run import run_evaluation
+    from ray_zephyr.runtime import free_ports
+
+    questions = tmp_path / "question.jsonl"
+    questions.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
+    recipe = _recipe(stub, tmp_path, mt_bench={"questions": str(questions)})
+    closed = f"http://127.0.0.1:{free_ports()[0]}/v1"
+    start = len(stub.requests)
+    with pytest.raises(UserError, match=rf"^judge endpoint {closed} cannot be reached \(connection_error: .*\); is it running\?$"):
+        run_evaluation(recipe.model_copy(update={"judge": recipe.judge.model_copy(update={"base_url": closed})}))
+    monkeypatch.delenv("RZ_NO_SUCH_KEY", raising=False)
+    with pytest.raises(UserError, match=r"environment variable RZ_NO_SUCH_KEY is not set"):
+        run_evaluation(recipe.model_copy(update={"judge": recipe.judge.model_copy(update={"api_key_env": "RZ_NO_SUCH_KEY"})}))
+    assert len(stub.requests) == start

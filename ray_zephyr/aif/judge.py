@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 
-from tqdm.auto import tqdm
-
 from ray_zephyr.aif.config import JudgeConfig
 from ray_zephyr.aif.ratings import (
     Rating,
@@ -22,8 +20,9 @@ from ray_zephyr.aif.ratings import (
 from ray_zephyr.llm.cache import ResponseCache
 from ray_zephyr.llm.client import CallStats, ChatClient, Unparseable
 from ray_zephyr.llm.functions import load_function
+from ray_zephyr.progress import gather_shown, progress
 
-Judged = tuple[Rating | None, str | None]  # a rating, or why there is none
+Judged = tuple[Rating | None, str | None, list[str]]  # a rating or why there is none, and the raw judge replies
 
 
 class Judge:
@@ -39,9 +38,15 @@ class Judge:
 
     def rate_all(self, items: list[tuple[list[dict], str]]) -> list[Judged]:
         """Ratings of (prompt messages, completion) pairs, in order, with a progress bar."""
-        if self._function is not None:
-            return [self._count(self._rate_with_function(prompt, answer)) for prompt, answer in tqdm(items, desc="judge")]
-        return asyncio.run(self._rate_with_llm(items))
+        if self._function is None:
+            return asyncio.run(self._rate_with_llm(items))
+        shown, rated = progress("judge", "rating"), []
+        shown.start(len(items))
+        for prompt, answer in items:
+            rated.append(self._count(self._rate_with_function(prompt, answer)))
+            shown.update(len(rated))
+        shown.close()
+        return rated
 
     def _count(self, judged: Judged) -> Judged:
         if judged[0] is None:
@@ -50,22 +55,17 @@ class Judge:
 
     def _rate_with_function(self, prompt: list[dict], answer: str) -> Judged:
         try:
-            return function_rating(self._function(prompt, answer)), None
+            return function_rating(self._function(prompt, answer)), None, []
         except Unparseable as exc:
-            return None, exc.reason
+            return None, exc.reason, []
 
     async def _rate_with_llm(self, items: list[tuple[list[dict], str]]) -> list[Judged]:
-        bar = tqdm(total=len(items), desc="judge")
-
         async def one(prompt: list[dict], answer: str) -> Judged:
-            judged = await self._rate_one(prompt, answer)
-            bar.update()
-            return self._count(judged)
+            return self._count(await self._rate_one(prompt, answer))
 
         try:
-            return await asyncio.gather(*(one(p, a) for p, a in items))
+            return await gather_shown("judge", "rating", [one(p, a) for p, a in items])
         finally:
-            bar.close()
             await self._client.close()
 
     async def _rate_one(self, prompt: list[dict], answer: str) -> Judged:

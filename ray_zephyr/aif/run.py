@@ -23,6 +23,7 @@ from ray_zephyr.aif.ratings import Rating
 from ray_zephyr.cli import parse_recipe_args
 from ray_zephyr.errors import UserError
 from ray_zephyr.llm.cache import ResponseCache
+from ray_zephyr.llm.client import check_endpoint
 from ray_zephyr.llm.generate import generate
 from ray_zephyr.seeding import seeded_rng
 
@@ -76,6 +77,11 @@ def run_aif(recipe: AIFRecipe) -> AIFSummary:
     import pyarrow.parquet as pq
 
     tracking.check_installed(recipe.report_to)
+    if recipe.judge.kind == "llm":
+        check_endpoint(recipe.judge.endpoint, "judge")
+    for spec in recipe.generators:
+        if spec.kind == "openai":
+            check_endpoint(spec.endpoint, f"generator {spec.name!r}")
     summary = AIFSummary()
     prompts = read_prompts(recipe.prompts, recipe.seed)
     summary.prompts = len(prompts)
@@ -95,9 +101,9 @@ def run_aif(recipe: AIFRecipe) -> AIFSummary:
         judged = judge.rate_all([(p["messages"], c["text"]) for p, c in items])
     finally:
         cache.close()
-    for (_, completion), (rating, reason) in zip(items, judged):
+    for (_, completion), (rating, reason, replies) in zip(items, judged):
         completion.update(overall=rating.overall if rating else None, aspects=rating.aspects if rating else None,
-                          unrated_reason=reason)
+                          unrated_reason=reason, judge_replies=replies)
     unrated += judge.unrated
     stats = judge.stats
     summary.judge_calls, summary.judge_cached = stats.calls, stats.cached

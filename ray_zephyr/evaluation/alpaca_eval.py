@@ -8,7 +8,6 @@ difference, i.e. the win rate the model would have if its answers were as long a
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections import Counter
 from pathlib import Path
@@ -24,6 +23,7 @@ from ray_zephyr.evaluation.judging import (
 )
 from ray_zephyr.llm.client import ChatClient
 from ray_zephyr.llm.generate import generate
+from ray_zephyr.progress import gather_shown
 from ray_zephyr.seeding import seeded_rng
 
 WIN = {"model": 1.0, "baseline": 0.0, "tie": 0.5}
@@ -83,16 +83,16 @@ async def judge_pairs(baseline: list[dict], answers: dict[str, str | None], reci
         model_first = seeded_rng(recipe.seed, f"alpaca/{i}").random() < 0.5
         result = {"index": i, "instruction": row["instruction"], "output": answer, "model_first": model_first}
         if answer is None:
-            return result | {"winner": None, "reason": "no_answer"}
+            return result | {"winner": None, "reason": "no_answer", "judge_prompt": None, "judge_replies": []}
         a, b = (answer, row["output"]) if model_first else (row["output"], answer)
         messages = judge_prompt_messages(prompt, question=row["instruction"], answer_a=a, answer_b=b)
-        verdict, reason = await client.ask(messages, parse_verdict, recipe.parse_retries, temperature=0.0,
-                                           max_tokens=recipe.judge_max_tokens)
+        verdict, reason, replies = await client.ask(messages, parse_verdict, recipe.parse_retries, temperature=0.0,
+                                                    max_tokens=recipe.judge_max_tokens)
         winner = None if verdict is None else "tie" if verdict == "C" else (
             "model" if (verdict == "A") == model_first else "baseline")
-        return result | {"winner": winner, "reason": reason}
+        return result | {"winner": winner, "reason": reason, "judge_prompt": "pair-v2", "judge_replies": replies}
 
-    return list(await asyncio.gather(*(one(i, row) for i, row in enumerate(baseline))))
+    return await gather_shown("AlpacaEval judge", "pair", [one(i, row) for i, row in enumerate(baseline)])
 
 
 def win_rates(judgments: list[dict], baseline: list[dict]) -> dict:

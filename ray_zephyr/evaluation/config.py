@@ -18,6 +18,7 @@ class MTBenchConfig(StrictSection):
     judge_prompts: str | None = Field(None, description=(
         "a jsonl in FastChat's judge-prompt shape; default: ours (evaluation/judge_prompts.jsonl)"))
     max_tokens: int = Field(1024, ge=1, description="per answer turn")
+    limit: int | None = Field(None, ge=1, description="first N questions only (a quick run)")
 
 
 class AlpacaEvalConfig(StrictSection):
@@ -36,6 +37,9 @@ class EvalRecipe(StrictSection):
     judge_max_tokens: int = Field(512, ge=1, description="tokens per judge reply at most")
     parse_retries: int = Field(2, ge=0, description=(
         "re-asks when a verdict cannot be parsed, before it is counted as a drop"))
+    max_ungraded_fraction: float = Field(0.05, ge=0, le=1, description=(
+        "above this share of turns (MT-Bench) or pairs (AlpacaEval) the judge could not grade, the job fails with "
+        "the counts (the partial scores still go to results.json)"))
     mt_bench: MTBenchConfig | None = Field(None, description="run MT-Bench (omit to skip)")
     alpaca_eval: AlpacaEvalConfig | None = Field(None, description="run AlpacaEval (omit to skip)")
     output_dir: str = Field(description="answers, judgments and the summary go here")

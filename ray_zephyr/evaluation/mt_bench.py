@@ -7,7 +7,6 @@ jsonl (FastChat's question.jsonl: question_id, category, turns, reference), both
 
 from __future__ import annotations
 
-import asyncio
 from collections import Counter
 from pathlib import Path
 from statistics import mean
@@ -24,6 +23,7 @@ from ray_zephyr.evaluation.judging import (
 )
 from ray_zephyr.llm.client import ChatClient
 from ray_zephyr.llm.generate import generate
+from ray_zephyr.progress import gather_shown
 
 # FastChat's `temperature_config` (fastchat/llm_judge/common.py): the original protocol's sampling per category.
 CATEGORY_TEMPERATURE = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0, "coding": 0.0,
@@ -73,16 +73,18 @@ def answer_questions(questions: list[dict], recipe: EvalRecipe) -> dict[str, lis
     return answers
 
 
-def _grading(question: dict, answers: list[str], turn: int, prompts: dict[str, dict]) -> list[dict]:
+def _grading(question: dict, answers: list[str], turn: int, prompts: dict[str, dict]) -> tuple[str, list[dict]]:
+    """(the judge prompt's name, the judge's messages) for one turn."""
     reference = question["category"] in NEED_REFERENCE and len(question["reference"]) >= turn
     q, a, ref = question["turns"], answers, question["reference"]
     if turn == 1:
         fields = {"question": q[0], "answer": a[0]} | ({"ref_answer_1": ref[0]} if reference else {})
-        return judge_prompt_messages(prompts["single-math-v1" if reference else "single-v1"], **fields)
+        name = "single-math-v1" if reference else "single-v1"
+        return name, judge_prompt_messages(prompts[name], **fields)
     fields = {"question_1": q[0], "answer_1": a[0], "question_2": q[1], "answer_2": a[1]}
     fields |= {"ref_answer_1": ref[0], "ref_answer_2": ref[1]} if reference else {}
     name = "single-math-v1-multi-turn" if reference else "single-v1-multi-turn"
-    return judge_prompt_messages(prompts[name], **fields)
+    return name, judge_prompt_messages(prompts[name], **fields)
 
 
 async def grade(questions: list[dict], answers: dict[str, list], recipe: EvalRecipe, client: ChatClient) -> list[dict]:
@@ -93,14 +95,16 @@ async def grade(questions: list[dict], answers: dict[str, list], recipe: EvalRec
     async def one(question: dict, turn: int) -> dict:
         got = answers[question["question_id"]]
         if got[turn - 1] is None:
-            score, reason = None, "no_answer"
+            score, reason, prompt, replies = None, "no_answer", None, []
         else:
-            score, reason = await client.ask(_grading(question, got, turn, prompts), parse_score, recipe.parse_retries,
-                                             temperature=0.0, max_tokens=recipe.judge_max_tokens)
+            prompt, messages = _grading(question, got, turn, prompts)
+            score, reason, replies = await client.ask(messages, parse_score, recipe.parse_retries, temperature=0.0,
+                                                      max_tokens=recipe.judge_max_tokens)
         return {"question_id": question["question_id"], "category": question["category"], "turn": turn,
-                "answer": got[turn - 1], "score": score, "reason": reason}
+                "answer": got[turn - 1], "score": score, "reason": reason, "judge_prompt": prompt,
+                "judge_replies": replies}
 
-    return list(await asyncio.gather(*(one(q, t) for q, t in cases)))
+    return await gather_shown("MT-Bench judge", "turn", [one(q, t) for q, t in cases])
 
 
 def scores(judgments: list[dict]) -> dict:

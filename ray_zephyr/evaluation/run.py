@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections import Counter
 from pathlib import Path
 
 from ray_zephyr import tracking
 from ray_zephyr.cli import parse_recipe_args
+from ray_zephyr.errors import UserError
 from ray_zephyr.evaluation import alpaca_eval, mt_bench
 from ray_zephyr.evaluation.config import EvalRecipe
 from ray_zephyr.llm.cache import ResponseCache
-from ray_zephyr.llm.client import ChatClient
+from ray_zephyr.llm.client import ChatClient, check_endpoint
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -25,11 +27,15 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def run_evaluation(recipe: EvalRecipe) -> dict:
     tracking.check_installed(recipe.report_to)
+    check_endpoint(recipe.judge, "judge")
+    if recipe.candidate.kind == "openai":
+        check_endpoint(recipe.candidate.endpoint, "candidate")
     out = Path(recipe.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     results: dict = {}
     if recipe.mt_bench is not None:
-        questions = mt_bench.load_questions(recipe.mt_bench.questions, recipe.mt_bench.revision)
+        questions = mt_bench.load_questions(recipe.mt_bench.questions, recipe.mt_bench.revision)[
+            : recipe.mt_bench.limit]
         answers = mt_bench.answer_questions(questions, recipe)
     if recipe.alpaca_eval is not None:
         baseline = alpaca_eval.load_baseline(recipe.alpaca_eval.baseline, recipe.alpaca_eval.limit)
@@ -61,7 +67,23 @@ def run_evaluation(recipe: EvalRecipe) -> dict:
     (out / "results.json").write_text(json.dumps(results, indent=2))
     tracking.report_summary(recipe.report_to, recipe.run_name, recipe.project, recipe, str(out), results,
                             str(out / "results.json"))
+    problems = [problem for problem in (
+        graded is not None and _too_ungraded("MT-Bench", "turns", graded, "score", recipe.max_ungraded_fraction),
+        pairs is not None and _too_ungraded("AlpacaEval", "pairs", pairs, "winner", recipe.max_ungraded_fraction),
+    ) if problem]
+    if problems:
+        raise UserError(f"{'; '.join(problems)}; the partial scores are in {out / 'results.json'}")
     return results
+
+
+def _too_ungraded(benchmark: str, unit: str, judgments: list[dict], key: str, limit: float) -> str | None:
+    """Why a benchmark's score cannot stand (too many items the judge could not grade), or None."""
+    missing = Counter(j["reason"] for j in judgments if j[key] is None)
+    share = sum(missing.values()) / len(judgments)
+    if share <= limit:
+        return None
+    return (f"{benchmark}: {sum(missing.values())} of {len(judgments)} {unit} ungraded ({share:.0%}: {dict(missing)}), "
+            f"above max_ungraded_fraction {limit:g}")
 
 
 def main(argv: list[str] | None = None) -> dict:

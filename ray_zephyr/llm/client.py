@@ -61,11 +61,35 @@ def failure_reason(exc: Exception) -> str:
     return type(exc).__name__
 
 
+def _api_key(endpoint: EndpointConfig) -> str:
+    key = os.environ.get(endpoint.api_key_env) if endpoint.api_key_env else "none"
+    if key is None:
+        raise UserError(f"endpoint {endpoint.base_url}: environment variable {endpoint.api_key_env} is not set")
+    return key
+
+
+def check_endpoint(endpoint: EndpointConfig, role: str) -> None:
+    """Before any generation: the key is set and the endpoint answers one cheap request (GET /models, free on paid
+    APIs), so a closed port, a wrong host or a refused key is one line at once, not after every answer is made."""
+    client = openai.OpenAI(base_url=endpoint.base_url, api_key=_api_key(endpoint),
+                           timeout=min(endpoint.timeout_s, 30.0), max_retries=1)
+    try:
+        client.models.list()
+    except (openai.AuthenticationError, openai.PermissionDeniedError) as exc:
+        via = f" (from ${endpoint.api_key_env})" if endpoint.api_key_env else " (none sent: set api_key_env)"
+        raise UserError(f"{role} endpoint {endpoint.base_url} refused the key{via}: HTTP {exc.status_code}") from None
+    except openai.APIStatusError:
+        pass  # it answered; some servers have no /models route
+    except openai.APIConnectionError as exc:
+        raise UserError(f"{role} endpoint {endpoint.base_url} cannot be reached ({failure_reason(exc)}: "
+                        f"{exc.__cause__ or exc}); is it running?") from None
+    finally:
+        client.close()
+
+
 class ChatClient:
     def __init__(self, endpoint: EndpointConfig, cache: ResponseCache | None = None):
-        key = os.environ.get(endpoint.api_key_env) if endpoint.api_key_env else "none"
-        if key is None:
-            raise UserError(f"endpoint {endpoint.base_url}: environment variable {endpoint.api_key_env} is not set")
+        key = _api_key(endpoint)
         self.endpoint, self.cache, self.stats = endpoint, cache, CallStats()
         self._client = openai.AsyncOpenAI(base_url=endpoint.base_url, api_key=key, timeout=endpoint.timeout_s,
                                           max_retries=endpoint.max_retries)
@@ -94,20 +118,23 @@ class ChatClient:
             self.cache.put(key, {"texts": texts})
         return Reply(texts=texts)
 
-    async def ask(self, messages: list[dict], parse: Callable[[str], T], retries: int, **sampling) -> tuple[T | None, str | None]:
+    async def ask(self, messages: list[dict], parse: Callable[[str], T], retries: int,
+                  **sampling) -> tuple[T | None, str | None, list[str]]:
         """`parse(answer)`, asking again (a new, separately cached request) up to `retries` times while it raises
-        Unparseable; returns (value, None) or (None, reason) with reason `unparseable_*` or `judge_<failure>`."""
-        reason = None
+        Unparseable; returns (value, None, replies) or (None, reason, replies) with reason `unparseable_*` or
+        `judge_<failure>`; `replies` are the raw answers, one per attempt, for the judgment's audit trail."""
+        reason, replies = None, []
         for attempt in range(retries + 1):
             self.stats.reasks += attempt > 0
             reply = await self.chat(messages, attempt=attempt, **sampling)
             if reply.error is not None:
-                return None, f"judge_{reply.error}"
+                return None, f"judge_{reply.error}", replies
+            replies.append(reply.texts[0])
             try:
-                return parse(reply.texts[0]), None
+                return parse(reply.texts[0]), None, replies
             except Unparseable as exc:
                 reason = f"unparseable_{exc.reason}"
-        return None, reason
+        return None, reason, replies
 
     async def close(self) -> None:
         await self._client.close()
