@@ -46,11 +46,14 @@ def train_with_progress(recipe, label: str, stream: TextIO | None = None):
     thread = threading.Thread(target=follow, daemon=True)
     thread.start()
     try:
-        return run_training(recipe, on_start=show.start)
-    finally:
+        result = run_training(recipe, on_start=show.start)
         done.set()
         thread.join()
         look()  # the last steps, which a run shorter than one look would otherwise never show
+        return result
+    finally:
+        done.set()
+        thread.join()
         show.close()
 
 
