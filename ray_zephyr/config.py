@@ -229,6 +229,9 @@ class DPOConfig(StrictSection):
     reference: Literal["precomputed", "resident"] = Field("precomputed", description=(
         "precomputed: the reference log-probs computed once before training, into the row file; resident: a frozen "
         "reference model beside the policy on every worker; simpo and orpo use none (the job says so)"))
+    reference_model: str | None = Field(None, description=(
+        "the reference model, as model.name_or_path takes it; none: the starting model (iterative DPO's reference=sft "
+        "keeps the dSFT model here while each round starts from the last)"))
     rpo_alpha: float = Field(0.0, ge=0, description=(
         "weight of an NLL term on the chosen answers (RPO); 0 = plain DPO"))
 
@@ -260,6 +263,8 @@ class DPOConfig(StrictSection):
         if free and self.reference == "resident":
             raise ValueError(f"loss_type {free[0]} uses no reference model: reference=resident would load one for "
                              f"nothing")
+        if free and self.reference_model:
+            raise ValueError(f"loss_type {free[0]} uses no reference model: remove reference_model")
         if types == ["orpo"] and self.rpo_alpha:
             raise ValueError("rpo_alpha adds an NLL term, and orpo has its own (weight 1); remove rpo_alpha")
         return self
@@ -280,6 +285,9 @@ class Recipe(StrictSection):
             raise ValueError("model.load_in_4bit needs train.zero_stage=2: ZeRO-3 does not partition 4-bit weights "
                              "(each worker holds the 4-bit model; ZeRO-2 partitions the adapter's gradients and "
                              "optimizer state)")
+        if self.dpo.reference_model and self.model.lora:
+            raise ValueError("dpo.reference_model with model.lora: a LoRA run's reference is its base model with the "
+                             "adapter off; train without lora to use another reference")
         return self
 
 
@@ -376,6 +384,19 @@ def apply_override(raw: dict, override: str) -> None:
         node[last] = value
     else:
         raise UserError(f"override {key!r}: cannot set {last!r} inside a {type(node).__name__}")
+
+
+def flatten(value, prefix: str = "") -> dict:
+    """A recipe's dump as {dotted key: value}, to compare two runs key by key."""
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in flatten(item, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): value}
+
+
+def changed_keys(saved: dict, current: dict) -> list[str]:
+    """`key: old -> new` for every flat key whose value differs (what a refused resume names)."""
+    return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in sorted(set(saved) | set(current))
+            if saved.get(k) != current.get(k)]
 
 
 def validate_recipe(raw: dict, source: str = "recipe", kind: type[RecipeKind] = Recipe) -> RecipeKind:

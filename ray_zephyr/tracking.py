@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 
 from ray_zephyr import storage
+from ray_zephyr.config import flatten
 from ray_zephyr.errors import UserError
 
 # tracker -> (module it needs, the extra that installs it)
@@ -110,14 +111,9 @@ def _logged_steps(metrics_path: str) -> set[tuple[str, int]]:
     return {(r["split"], r["step"]) for r in map(json.loads, (storage.read_text(metrics_path) or "").splitlines())}
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, str]:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out |= _flatten(value, f"{prefix}{key}.")
-        else:
-            out[f"{prefix}{key}"] = json.dumps(value) if isinstance(value, list | dict) else str(value)
-    return out
+def _flatten(tree: dict) -> dict[str, str]:
+    """A recipe as tracker parameters: dotted keys, each value a string."""
+    return {k: json.dumps(v) if isinstance(v, list | dict) else str(v) for k, v in flatten(tree).items()}
 
 
 def _local_artifact_root() -> str | None:

@@ -26,7 +26,7 @@ import ray.train
 from ray.train import CheckpointConsistencyMode
 
 from ray_zephyr import lora, storage
-from ray_zephyr.config import Recipe
+from ray_zephyr.config import Recipe, changed_keys, flatten
 from ray_zephyr.errors import UserError
 from ray_zephyr.train.rows import Layout
 
@@ -49,16 +49,10 @@ class Position:
     num_tokens: float = 0.0
 
 
-def _flatten(value, prefix: str = "") -> dict:
-    if isinstance(value, dict):
-        return {k: v for key, item in value.items() for k, v in _flatten(item, f"{prefix}{key}.").items()}
-    return {prefix.rstrip("."): value}
-
-
 def fingerprint(recipe: Recipe, layout: Layout, eval_rows: int) -> dict:
     """Flat {key: value} of everything that decides which rows each step trains on and how."""
-    keys = _flatten(recipe.model_dump(mode="json"))
-    keys |= _flatten(asdict(layout), "layout.") | {"layout.eval_rows": eval_rows}
+    keys = flatten(recipe.model_dump(mode="json"))
+    keys |= flatten(asdict(layout), "layout.") | {"layout.eval_rows": eval_rows}
     return {k: v for k, v in sorted(keys.items()) if k not in BOOKKEEPING}
 
 
@@ -81,9 +75,7 @@ def check_resumable(run_dir: str, expected: dict, resume: str) -> None:
         storage.delete_dir(run_dir)
         return
     found = saved[-1]
-    changed = [f"{k}: {found.get(k)!r} -> {expected.get(k)!r}" for k in sorted(set(found) | set(expected))
-               if found.get(k) != expected.get(k)]
-    if changed:
+    if changed := changed_keys(found, expected):
         raise UserError(f"{run_dir} has checkpoints of a different run ({'; '.join(changed)}); use another "
                         "train.output_dir, or train.resume=fresh to delete them and start over")
 

@@ -104,6 +104,8 @@ def check_shared_output(recipe: Recipe) -> None:
 def preflight(recipe: Recipe) -> None:
     """Fail fast, with one line, before any compute is spent."""
     check_model_source(recipe.model.name_or_path, "model.name_or_path")
+    if recipe.dpo.reference_model:
+        check_model_source(recipe.dpo.reference_model, "dpo.reference_model")
     grad_accumulation_steps(recipe.train)
     tracking.check_installed(recipe.train.report_to)
     check_storage(recipe)
@@ -111,7 +113,7 @@ def preflight(recipe: Recipe) -> None:
     check_shared_output(recipe)
 
 
-def write_row_files(recipe: Recipe, tokenizer, model_path: str) -> tuple[dict[str, int], list[str]]:
+def write_row_files(recipe: Recipe, tokenizer, reference_path: str) -> tuple[dict[str, int], list[str]]:
     """Tokenize (+ reference log-probs for DPO with a precomputed reference) and write the numbered rows of each
     split to <output_dir>/data/<split> (see `rows`); returns the row counts and the data report."""
     from ray_zephyr.data.pipeline import build_datasets
@@ -122,7 +124,7 @@ def write_row_files(recipe: Recipe, tokenizer, model_path: str) -> tuple[dict[st
     if recipe.stage == "dpo" and recipe.dpo.uses_reference and recipe.dpo.reference == "precomputed":
         from ray_zephyr.train.reference import add_reference_logps
 
-        datasets = {k: ds and add_reference_logps(ds, recipe, model_path, tokenizer.pad_token_id)
+        datasets = {k: ds and add_reference_logps(ds, recipe, reference_path, tokenizer.pad_token_id)
                     for k, ds in datasets.items()}
     counts = {}
     for split, ds in datasets.items():
@@ -133,9 +135,15 @@ def write_row_files(recipe: Recipe, tokenizer, model_path: str) -> tuple[dict[st
     lines = prepared.report().lines()
     if recipe.stage == "dpo":
         dpo = recipe.dpo
-        lines.append(f"reference: {dpo.reference}" if dpo.uses_reference
+        lines.append(f"reference: {dpo.reference}, {dpo.reference_model or 'the starting model'}" if dpo.uses_reference
                      else f"reference: none ({dpo.losses[0][0]} is reference-free: no reference pass)")
     return counts, lines
+
+
+def _absolute(model: str) -> str:
+    """A local folder as an absolute path (the workers may run elsewhere); `embedded`, hub ids and URIs as given."""
+    return str(Path(model).resolve()) if model != "embedded" and not storage.is_uri(model) and Path(model).exists() \
+        else model
 
 
 def run_training(recipe: Recipe, on_start: Callable[[int], None] | None = None) -> TrainResult:
@@ -150,11 +158,10 @@ def run_training(recipe: Recipe, on_start: Callable[[int], None] | None = None) 
 
     preflight(recipe)
     train, output = recipe.train, output_dir(recipe)
-    model_path = recipe.model.name_or_path
-    if model_path != "embedded" and not storage.is_uri(model_path) and Path(model_path).exists():
-        model_path = str(Path(model_path).resolve())
+    model_path = _absolute(recipe.model.name_or_path)
+    reference_path = _absolute(recipe.dpo.reference_model) if recipe.dpo.reference_model else model_path
     tokenizer = load_tokenizer(recipe)
-    counts, data_report = write_row_files(recipe, tokenizer, resolve_model_path(model_path))
+    counts, data_report = write_row_files(recipe, tokenizer, resolve_model_path(reference_path))
     layout = Layout(counts["train"], train.per_device_batch_size, train.num_workers, grad_accumulation_steps(train),
                     recipe.seed, recipe.data.shuffle, train.micro_batch_tokens)
     if layout.steps_per_epoch == 0:
@@ -166,7 +173,7 @@ def run_training(recipe: Recipe, on_start: Callable[[int], None] | None = None) 
     fingerprint = checkpoint.fingerprint(recipe, layout, counts["eval"])
     checkpoint.check_resumable(storage.join(storage_path(recipe), name), fingerprint, train.resume)
     plan = WorkerPlan(
-        recipe=recipe, model_path=model_path, tokenizer=tokenizer, output_dir=output, layout=layout,
+        recipe=recipe, model_path=model_path, reference_path=reference_path, tokenizer=tokenizer, output_dir=output, layout=layout,
         total_steps=total_steps, fingerprint=fingerprint, train_rows=storage.join(output, "data", "train"),
         eval_rows=storage.join(output, "data", "eval") if counts["eval"] else None, eval_size=counts["eval"],
         tracker_env=tracking.tracker_env(train.report_to), fault=faults.planned(),

@@ -49,7 +49,7 @@ def train_loop(config: dict) -> None:
     model_path = resolve_model_path(plan.model_path)
     engine = build_engine(recipe, model_path, total_steps)
     resident = recipe.stage == "dpo" and recipe.dpo.reference == "resident"
-    reference = build_reference(recipe, model_path, engine) if resident else None
+    reference = build_reference(recipe, resolve_model_path(plan.reference_path), engine) if resident else None
     objective = make_objective(recipe, plan.tokenizer.pad_token_id, reference)
     train_rows = RowFile(plan.train_rows)
     eval_rows = RowFile(plan.eval_rows) if plan.eval_rows else None

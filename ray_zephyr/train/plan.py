@@ -19,6 +19,7 @@ from ray_zephyr.train.rows import Layout
 class WorkerPlan:
     recipe: Recipe
     model_path: str  # as the recipe names it (an absolute folder, `embedded`, a hub id, a URI): resolved on each node
+    reference_path: str  # DPO's reference, named the same way: model_path unless dpo.reference_model
     tokenizer: PreTrainedTokenizerBase  # with the recipe's chat template and a pad token
     output_dir: str  # local path or URI: model, metrics, samples, summary
     layout: Layout  # which rows each worker trains on at each step
