@@ -1,4 +1,5 @@
-"""Rating every completion: an LLM teacher through `ChatClient`, or a Python function for checkable tasks.
+"""Rating every completion: an LLM teacher through `ChatClient`, a reward model (`reward_model`), or a Python
+function for checkable tasks.
 
 An answer that cannot be parsed is asked again (`parse_retries` times, each a new cached request, see
 `ChatClient.ask`) and then counted by reason; a call that fails after the client's retries is counted by its
@@ -17,6 +18,7 @@ from ray_zephyr.aif.ratings import (
     parse_rating,
     rating_messages,
 )
+from ray_zephyr.aif.reward_model import TOO_LONG, reward_scores
 from ray_zephyr.llm.cache import ResponseCache
 from ray_zephyr.llm.client import CallStats, ChatClient, Unparseable
 from ray_zephyr.llm.functions import load_function
@@ -37,9 +39,13 @@ class Judge:
         return self._client.stats if self._client else CallStats()
 
     def rate_all(self, items: list[tuple[list[dict], str]]) -> list[Judged]:
-        """Ratings of (prompt messages, completion) pairs, in order, with a progress bar."""
-        if self._function is None:
+        """Ratings of (prompt messages, completion) pairs, in order, with a progress bar (Ray Data's for a reward
+        model)."""
+        if self.config.kind == "llm":
             return asyncio.run(self._rate_with_llm(items))
+        if self.config.kind == "reward_model":
+            return [self._count((function_rating(s), None, []) if s is not None else (None, TOO_LONG, []))
+                    for s in reward_scores(items, self.config)]
         shown, rated = progress("judge", "rating"), []
         shown.start(len(items))
         for prompt, answer in items:
