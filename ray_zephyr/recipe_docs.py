@@ -24,10 +24,12 @@ def _kinds() -> list[tuple[str, type[BaseModel]]]:
     from ray_zephyr.aif.config import AIFRecipe
     from ray_zephyr.config import Recipe
     from ray_zephyr.evaluation.config import EvalRecipe
+    from ray_zephyr.iterative import IterativeRecipe
     from ray_zephyr.serving.settings import ServeSettings
 
     return [("Training recipes (`jobs/sft.py`, `jobs/dpo.py`)", Recipe),
             ("AI-feedback recipes (`jobs/aif.py`)", AIFRecipe),
+            ("Iterative DPO recipes (`jobs/iterative_dpo.py`)", IterativeRecipe),
             ("Evaluation recipes (`jobs/evaluate.py`)", EvalRecipe),
             ("Serving settings (`serve run serve.app:build_app key=value ...`)", ServeSettings)]
 

@@ -120,6 +120,25 @@ def test_one_loader_and_one_command_line_for_every_kind_of_recipe():
         load_recipe("mt-bench-gpt4", ["candidate.modle=x"], EvalRecipe)
 
 
+def test_the_iterative_recipe_resolves_each_rounds_aif_and_dpo_recipes(tmp_path):
+    from ray_zephyr.iterative import IterativeRecipe, round_recipes
+
+    assert shipped_recipes(IterativeRecipe) == ["tiny-iterative"]
+    recipe = load_recipe("tiny-iterative", [f"output_dir={tmp_path}", "reference=sft", "dpo_overrides=[train.lr=5e-4]"],
+                         IterativeRecipe)
+    aif, dpo = round_recipes(recipe, 2)
+    assert aif.generators[0].model == str(tmp_path / "round-1" / "dpo" / "model") and aif.seed == 43
+    assert aif.generators[1].kind == "function" and aif.output_dir == str(tmp_path / "round-2" / "aif")
+    assert dpo.model.name_or_path == str(tmp_path / "round-1" / "dpo" / "model") and dpo.train.lr == 5e-4
+    assert dpo.dpo.reference_model == "outputs/tiny-sft/model"  # reference=sft: the dSFT model in every round
+    assert [s.path for s in dpo.data.train] == [str(tmp_path / "round-2" / "aif" / "pairs.parquet")]
+    assert round_recipes(recipe, 1)[1].dpo.reference_model is None  # round 1 starts from the dSFT model itself
+    with pytest.raises(UserError, match=r"policy_generator 'teacher' is of kind function: the policy must be a model"):
+        round_recipes(recipe.model_copy(update={"policy_generator": "teacher"}), 1)
+    with pytest.raises(UserError, match=r"dpo.reference_model with model.lora: a LoRA run's reference is its base"):
+        load_recipe("tiny-dpo", ["dpo.reference_model=outputs/x/model", "model.lora={r: 8}"])
+
+
 def test_cli_prints_one_line_error_and_exits_2():
     result = subprocess.run(
         [sys.executable, "jobs/preview.py", "--config", "tiny-sft", "train.lrr=1"],

@@ -1,5 +1,6 @@
 """`python jobs/zephyr.py`, the README's main command, as a user runs it: dSFT -> AIF -> dDPO -> evaluation -> chats
-with the served model -> summary, on fewer rows than the default so it stays around 3 minutes (slow).
+with the served model -> summary, on fewer rows and one round (the rounds' loop is tests/test_iterative.py's) so it
+stays around 3 minutes (slow).
 
 Its two training stages are also the suite's SFT -> DPO run through Ray Train (2 CPU workers, DeepSpeed ZeRO-3,
 the tiny recipes): what they log and write, and that DPO starts from the SFT model and moves away from it, is
@@ -22,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-SMALLER = ["sft.data.train=[{path: embedded, split: train, rows: 800}]", "sft.train.epochs=1",
+SMALLER = ["--rounds=1", "sft.data.train=[{path: embedded, split: train, rows: 800}]", "sft.train.epochs=1",
            "aif.prompts=[{path: embedded, split: train, rows: 800}]",
            "data.eval=[{path: embedded, split: test, rows: 96}]"]
 
@@ -55,12 +56,13 @@ def test_exits_cleanly_with_a_summary_table(run):
     assert done.returncode == 0, done.stderr[-4000:] + (out / "zephyr.log").read_text()[-4000:]
     assert "== ray-zephyr: the Zephyr recipe end to end in" in done.stdout
     for row in ("dSFT eval loss, held-out chats", "preference accuracy, SFT model (96 held-out pairs)",
-                "preference accuracy, DPO model (96 held-out pairs)", "DPO reward accuracy / margin vs SFT reference",
-                "AIF: prompts / completions / pairs (verifier as judge)", "greedy task accuracy, SFT model",
-                "greedy task accuracy, DPO model"):
+                "preference accuracy, round 1's DPO model (96 held-out pairs)", "DPO reward accuracy / margin vs SFT reference",
+                "greedy task accuracy, SFT model", "greedy task accuracy, round 1's DPO model"):
         assert f"| {row}" in done.stdout
-    assert f"model:   {out / 'dpo' / 'model'}" in done.stdout
-    assert f"serve run serve.app:build_app model={out / 'dpo' / 'model'}" in done.stdout
+    assert f"model:   {out / 'round-1' / 'dpo' / 'model'}" in done.stdout
+    assert f"serve run serve.app:build_app model={out / 'round-1' / 'dpo' / 'model'}" in done.stdout
+    rounds = done.stdout.split("AI feedback and dDPO, round by round")[1].splitlines()
+    assert rounds[1] == "| figure | dSFT | round 1 |" and any(line.startswith("| pairs |  | ") for line in rounds)
     assert "dSFT" in done.stderr and "dDPO" in done.stderr  # the progress bars
     assert "Traceback" not in done.stdout + done.stderr
 
@@ -71,7 +73,9 @@ def test_learning_is_visible(run):
     assert numbers["pairs"] == 96
     assert numbers["dpo_preference_accuracy"] > numbers["sft_preference_accuracy"]
     assert numbers["reward_margin"] > 0
-    assert numbers["aif"]["pairs"] > 100 and numbers["aif"]["dropped_prompts"].keys() <= {"tie", "fewer_than_2_rated"}
+    aif = json.loads((out / "round-1" / "aif" / "summary.json").read_text())
+    assert numbers["rounds"][0]["pairs"] == aif["pairs"] > 100
+    assert aif["dropped_prompts"].keys() <= {"tie", "fewer_than_2_rated"}
     assert numbers["dpo_task_accuracy"] >= numbers["sft_task_accuracy"]  # what the model says did not get worse
     first, last = numbers["sft_eval_loss"]
     assert last < first
@@ -91,8 +95,8 @@ def test_served_chat_answers_are_printed(run):
     answers = [line.removeprefix("  assistant: ") for line in chats if line.startswith("  assistant: ")]
     assert users == ["  user: What is 3 plus 4?", "  user: Sort 8 1 5.", "  user: Spell tiger backwards."]
     # Served greedily: the DPO model's own greedy continuation (transformers, here), as the job prints it.
-    tokenizer = AutoTokenizer.from_pretrained(out / "dpo" / "model")
-    model = AutoModelForCausalLM.from_pretrained(out / "dpo" / "model").eval()
+    tokenizer = AutoTokenizer.from_pretrained(out / "round-1" / "dpo" / "model")
+    model = AutoModelForCausalLM.from_pretrained(out / "round-1" / "dpo" / "model").eval()
     expected = []
     for user in users:
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": user.removeprefix("  user: ")}],
@@ -121,16 +125,17 @@ def test_sft_stage_logs_evaluates_and_writes_a_model(run):
 
 def test_dpo_stage_trains_on_precomputed_reference_logps_and_moves_the_policy(run):
     out, _ = run
-    rows = pa.ipc.open_file(pa.memory_map(str(out / "dpo" / "data" / "train" / "rows.arrow"))).read_all()
+    dpo = out / "round-1" / "dpo"
+    rows = pa.ipc.open_file(pa.memory_map(str(dpo / "data" / "train" / "rows.arrow"))).read_all()
     assert {"ref_chosen_logps", "ref_rejected_logps"} <= set(rows.column_names)  # the reference pass ran before training
-    train = _records(out / "dpo" / "metrics.jsonl", "train")
+    train = _records(dpo / "metrics.jsonl", "train")
     assert train[-1]["loss"] < train[0]["loss"]
     for name in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
                  "logps/rejected", "lr", "grad_norm", "tokens/s", "samples/s"):
         assert all(name in r for r in train), name
-    final_eval = _records(out / "dpo" / "metrics.jsonl", "eval")[-1]
+    final_eval = _records(dpo / "metrics.jsonl", "eval")[-1]
     assert final_eval["eval_rewards/accuracies"] > 0.6 and final_eval["eval_rewards/margins"] > 0
-    _generates(out / "dpo" / "model")
+    _generates(dpo / "model")
     before = AutoModelForCausalLM.from_pretrained(out / "sft" / "model").state_dict()
-    after = AutoModelForCausalLM.from_pretrained(out / "dpo" / "model").state_dict()
+    after = AutoModelForCausalLM.from_pretrained(dpo / "model").state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)

@@ -9,6 +9,7 @@ a rerun after a crash pays only for the calls that never finished.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -25,7 +26,10 @@ from ray_zephyr.errors import UserError
 from ray_zephyr.llm.cache import ResponseCache
 from ray_zephyr.llm.client import check_endpoint
 from ray_zephyr.llm.generate import generate
+from ray_zephyr.models import check_model_source
 from ray_zephyr.seeding import seeded_rng
+
+GENERATED = "generated.json"
 
 
 @dataclass
@@ -39,6 +43,7 @@ class AIFSummary:
     judge_prompt_tokens: int = 0
     judge_completion_tokens: int = 0
     rated: int = 0
+    mean_score: dict[str, float] = field(default_factory=dict)  # per generator, over its rated completions
     unrated: dict[str, int] = field(default_factory=dict)  # by reason
     pairs: int = 0
     dropped_prompts: dict[str, int] = field(default_factory=dict)  # by reason
@@ -50,6 +55,7 @@ class AIFSummary:
             f"judge: {self.judge_calls} calls, {self.judge_cached} cached, {self.judge_parse_retries} re-asked after "
             f"unparseable answers, {self.judge_prompt_tokens} + {self.judge_completion_tokens} tokens",
             f"rated {self.rated}, unrated {sum(self.unrated.values())} {self.unrated or ''}".rstrip(),
+            f"mean score: {', '.join(f'{k} {v:.3f}' for k, v in self.mean_score.items()) or 'none rated'}",
             f"pairs {self.pairs}, prompts dropped {sum(self.dropped_prompts.values())} {self.dropped_prompts or ''}".rstrip(),
         ]
 
@@ -72,29 +78,51 @@ def _pair_row(prompt: dict, completions: list[dict], pair: Pair) -> dict:
     }
 
 
-def run_aif(recipe: AIFRecipe) -> AIFSummary:
+def _generate_all(recipe: AIFRecipe, prompts: list[dict], keep_in: Path | None) -> dict[str, list[dict]]:
+    """Every generator's completions per prompt id. With `keep_in`, the finished pass is kept in
+    <keep_in>/generated.json under a key of the seed, generators and prompt ids, and a rerun with the same key reads
+    it back: a crash while judging does not sample again (and a resampled answer would miss the judge cache)."""
+    key = hashlib.sha256(json.dumps([recipe.seed, [g.model_dump(mode="json") for g in recipe.generators],
+                                     [p["id"] for p in prompts]]).encode()).hexdigest()
+    path = keep_in / GENERATED if keep_in else None
+    if path and path.is_file() and (saved := json.loads(path.read_text()))["key"] == key:
+        return saved["completions"]
+    completions: dict[str, list[dict]] = {p["id"]: [] for p in prompts}
+    for spec in recipe.generators:
+        for prompt_id, outs in generate(prompts, spec, recipe.seed).items():
+            completions[prompt_id] += outs
+    if path:
+        path.with_suffix(".tmp").write_text(json.dumps({"key": key, "completions": completions}))
+        path.with_suffix(".tmp").replace(path)
+    return completions
+
+
+def run_aif(recipe: AIFRecipe, prompts: list[dict] | None = None, keep_generated: bool = False) -> AIFSummary:
+    """Generate, judge, binarize; `prompts` (`{id, messages}`) instead of the recipe's, and `keep_generated` to
+    keep the generation pass for a rerun (`_generate_all`), are the iterative loop's (ray_zephyr/iterative.py)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     tracking.check_installed(recipe.report_to)
     if recipe.judge.kind == "llm":
         check_endpoint(recipe.judge.endpoint, "judge")
+    if recipe.judge.kind == "reward_model":
+        check_model_source(recipe.judge.model, "judge.model")
     for spec in recipe.generators:
         if spec.kind == "openai":
             check_endpoint(spec.endpoint, f"generator {spec.name!r}")
     summary = AIFSummary()
-    prompts = read_prompts(recipe.prompts, recipe.seed)
+    prompts = read_prompts(recipe.prompts, recipe.seed) if prompts is None else prompts
     summary.prompts = len(prompts)
-    completions: dict[str, list[dict]] = {p["id"]: [] for p in prompts}
+    out_dir = Path(recipe.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    completions = _generate_all(recipe, prompts, out_dir if keep_generated else None)
     for spec in recipe.generators:
-        for prompt_id, outs in generate(prompts, spec, recipe.seed).items():
-            completions[prompt_id] += outs
         summary.completions[spec.name] = sum(1 for outs in completions.values() for c in outs if c["generator"] == spec.name)
 
     unrated: Counter = Counter(c["error"] for outs in completions.values() for c in outs if c.get("text") is None)
     summary.generated_tokens = sum(c.get("tokens", 0) for outs in completions.values() for c in outs)
     items = [(p, c) for p in prompts for c in completions[p["id"]] if c.get("text") is not None]
-    out_dir = Path(recipe.output_dir)
     cache = ResponseCache(out_dir / "judge_cache.sqlite")
     try:
         judge = Judge(recipe.judge, cache)
@@ -110,6 +138,10 @@ def run_aif(recipe: AIFRecipe) -> AIFSummary:
     summary.judge_prompt_tokens, summary.judge_completion_tokens = stats.prompt_tokens, stats.completion_tokens
     summary.judge_parse_retries = stats.reasks
     summary.rated, summary.unrated = len(items) - sum(judge.unrated.values()), dict(unrated)
+    for spec in recipe.generators:
+        scores = [c["overall"] for _, c in items if c["generator"] == spec.name and c["overall"] is not None]
+        if scores:
+            summary.mean_score[spec.name] = sum(scores) / len(scores)
 
     rows, dropped = [], Counter()
     for prompt in prompts:
