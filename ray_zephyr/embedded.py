@@ -87,6 +87,29 @@ def verify(prompt: list[dict], completion: str) -> float:
     return float(completion.strip() == right_answer(prompt[-1]["content"]))
 
 
+_VALUES = {  # question pattern -> (the parts) -> is this line's answer the right value, in any wording
+    re.compile(r"What is (\d) plus (\d)\?"): lambda line, a, b: _numbers(line)[-1:] == [int(a) + int(b)],
+    re.compile(r"Spell (\w+) backwards\."): lambda line, w: re.search(rf"\b{'[- ]?'.join(w[::-1])}\b", line, re.I),
+    re.compile(r"Sort (\d) (\d) (\d)\."): lambda line, *n: _numbers(line)[-3:] == sorted(map(int, n)),
+    re.compile(r"How many letters are in (\w+)\?"): lambda line, w: _numbers(line)[-1:] == [len(w)],
+}
+
+
+def _numbers(text: str) -> list[int | float]:
+    return [float(x) if "." in x else int(x) for x in re.findall(r"\d+(?:\.\d+)?", text)]
+
+
+def verify_value(prompt: list[dict], completion: str) -> float:
+    """A lenient judge for a real model, which answers in its own words (`verify` wants the task's exact sentence):
+    1 if the first line of the answer ends on the right value (the sum, the sorted digits, the letter count) or
+    spells the reversed word, else 0."""
+    question, first_line = prompt[-1]["content"].strip(), (completion.strip().splitlines() or [""])[0]
+    for pattern, right in _VALUES.items():
+        if found := pattern.fullmatch(question):
+            return float(bool(right(first_line, *found.groups())))
+    return 0.0
+
+
 def teacher(prompt: list[dict], n: int, seed: int) -> list[str]:
     """The task's teacher as an AIF generator (`kind: function`): the right answer at TEACHER_ACCURACY, else a
     near miss, like the answers in the SFT chats."""

@@ -140,6 +140,20 @@ def test_function_judge_is_the_task_verifier():
         Judge(JudgeConfig(kind="function", function="no_such_module:f"))
 
 
+@pytest.mark.parametrize("question, answers", [
+    ("What is 1 plus 0?", {"1 + 0 = 1.": 1, "The answer is 1": 1, "1 plus 0 is 2.": 0, "It is 11": 0, "": 0}),
+    ("Sort 8 1 5.", {"Sorted: 1, 5, 8.": 1, "1 5 8": 1, "8, 5, 1": 0, "1 5": 0}),
+    ("Spell tiger backwards.", {"regit": 1, "Backwards: r-e-g-i-t.": 1, "tiger": 0, "regitt": 0}),
+    ("How many letters are in tiger?", {"tiger has 5 letters.": 1, "Five": 0, "It has 6 letters.": 0}),
+    ("Tell me a story.", {"Once upon a time": 0}),
+])
+def test_the_lenient_verifier_reads_a_real_models_own_wording(question, answers):
+    from ray_zephyr.embedded import verify_value
+
+    prompt = [{"role": "user", "content": question}]
+    assert {answer: verify_value(prompt, answer + "\nsecond line: 7 3") for answer in answers} == answers
+
+
 def test_recipe_errors_are_one_line():
     def load(name: str, *overrides: str) -> AIFRecipe:
         return load_recipe(name, overrides, AIFRecipe)
@@ -154,7 +168,7 @@ def test_recipe_errors_are_one_line():
         load("ultrafeedback-gpt4", "generators.0.vllm_engine_args={tensor_parallel_size: 2}")
     with pytest.raises(UserError, match="vllm_engine_args are for kind vllm, not transformers"):
         load("tiny-aif", "generators.0.vllm_engine_args={enforce_eager: true}")
-    with pytest.raises(UserError, match="aif recipe 'mt-bench-gpt4' not found: not a file, and not one of smollm2-135m-aif, tiny-aif, "):
+    with pytest.raises(UserError, match="aif recipe 'mt-bench-gpt4' not found: not a file, and not one of smollm2-135m-aif, smollm2-135m-task-aif, tiny-aif, "):
         load("mt-bench-gpt4")  # each kind of recipe is found among its own shipped ones
     assert load("tiny-aif").judge.function == "ray_zephyr.embedded:verify"
     assert load("ultrafeedback-gpt4").binarize == "argilla"
@@ -281,6 +295,11 @@ def test_aif_job_generates_judges_binarizes_and_resumes_from_the_cache(judge_ser
 @pytest.mark.parametrize("job, args, message", [
     ("jobs/aif.py", ["--config", "tiny-aif", "judge.functon=x"], "unknown key 'judge.functon'"),
     ("jobs/evaluate.py", ["--config", "mt-bench-gpt4", "mt_bench=null", "alpaca_eval=null"], "nothing to evaluate"),
+    # a model that does not exist: one line before Ray starts, not a traceback from each Ray Data actor
+    ("jobs/aif.py", ["--config", "tiny-aif", "generators.0.model=outputs/nope/model"],
+     "generator 'tiny-sft' model 'outputs/nope/model' does not exist (run jobs/sft.py first"),
+    ("jobs/evaluate.py", ["--config", "mt-bench-gpt4", "candidate.model=outputs/nope/model"],
+     "candidate model 'outputs/nope/model' does not exist"),
 ])
 def test_jobs_report_config_errors_in_one_line(job, args, message):
     import subprocess
@@ -289,5 +308,6 @@ def test_jobs_report_config_errors_in_one_line(job, args, message):
 
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run([sys.executable, job, *args], cwd=root, capture_output=True, text=True, timeout=120)
+    assert "Started a local Ray instance" not in done.stderr + done.stdout  # checked before Ray starts
     assert done.returncode == 2 and done.stderr.strip().startswith("error: ") and message in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1

@@ -107,7 +107,7 @@ def test_one_loader_and_one_command_line_for_every_kind_of_recipe():
     from ray_zephyr.cli import parse_recipe_args
     from ray_zephyr.evaluation.config import EvalRecipe
 
-    assert shipped_recipes(AIFRecipe) == ["smollm2-135m-aif", "tiny-aif", "ultrafeedback-gpt4"]
+    assert shipped_recipes(AIFRecipe) == ["smollm2-135m-aif", "smollm2-135m-task-aif", "tiny-aif", "ultrafeedback-gpt4"]
     assert shipped_recipes(EvalRecipe) == ["mt-bench-gpt4"]
     aif = load_recipe("tiny-aif", ["generators.0.n=8"], AIFRecipe)
     assert isinstance(aif, AIFRecipe) and aif.generators[0].n == 8
@@ -123,7 +123,7 @@ def test_one_loader_and_one_command_line_for_every_kind_of_recipe():
 def test_the_iterative_recipe_resolves_each_rounds_aif_and_dpo_recipes(tmp_path):
     from ray_zephyr.iterative import IterativeRecipe, round_recipes
 
-    assert shipped_recipes(IterativeRecipe) == ["tiny-iterative"]
+    assert shipped_recipes(IterativeRecipe) == ["smollm2-135m-iterative", "tiny-iterative"]
     recipe = load_recipe("tiny-iterative", [f"output_dir={tmp_path}", "reference=sft", "dpo_overrides=[train.lr=5e-4]"],
                          IterativeRecipe)
     aif, dpo = round_recipes(recipe, 2)

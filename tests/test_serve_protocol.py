@@ -141,3 +141,11 @@ def test_safe_end_holds_back_what_may_become_a_stop(text, stop, sendable):
 def test_find_stop_takes_the_earliest():
     assert find_stop("one. two! three", ("!", ".")) == 3
     assert find_stop("nothing", ("!",)) is None
+
+
+def test_a_model_that_does_not_exist_is_one_line_before_any_replica_starts():
+    from ray_zephyr.errors import UserError
+    from ray_zephyr.serving.app import build_app
+
+    with pytest.raises(UserError, match=r"^model 'outputs/nope/model' does not exist \(run jobs/sft.py first"):
+        build_app(ServeSettings(model="outputs/nope/model"))

@@ -25,7 +25,7 @@ from ray_zephyr.cli import parse_recipe_args
 from ray_zephyr.errors import UserError
 from ray_zephyr.llm.cache import ResponseCache
 from ray_zephyr.llm.client import check_endpoint
-from ray_zephyr.llm.generate import generate
+from ray_zephyr.llm.generate import check_generator, generate
 from ray_zephyr.models import check_model_source
 from ray_zephyr.seeding import seeded_rng
 
@@ -103,14 +103,16 @@ def run_aif(recipe: AIFRecipe, prompts: list[dict] | None = None, keep_generated
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from ray_zephyr.runtime import init_ray
+
     tracking.check_installed(recipe.report_to)
     if recipe.judge.kind == "llm":
         check_endpoint(recipe.judge.endpoint, "judge")
     if recipe.judge.kind == "reward_model":
         check_model_source(recipe.judge.model, "judge.model")
     for spec in recipe.generators:
-        if spec.kind == "openai":
-            check_endpoint(spec.endpoint, f"generator {spec.name!r}")
+        check_generator(spec, f"generator {spec.name!r}")
+    init_ray()  # after the checks (a no-op where Ray is up): a bad recipe fails in seconds
     summary = AIFSummary()
     prompts = read_prompts(recipe.prompts, recipe.seed) if prompts is None else prompts
     summary.prompts = len(prompts)
@@ -163,10 +165,7 @@ def run_aif(recipe: AIFRecipe, prompts: list[dict] | None = None, keep_generated
 
 
 def main(argv: list[str] | None = None) -> AIFSummary:
-    from ray_zephyr.runtime import init_ray
-
     recipe, _ = parse_recipe_args("AI feedback: generate, judge and binarize preference pairs", argv, kind=AIFRecipe)
-    init_ray()
     summary = run_aif(recipe)
     for line in summary.lines():
         print(line, flush=True)

@@ -19,6 +19,7 @@ from ray_zephyr.evaluation import alpaca_eval, mt_bench
 from ray_zephyr.evaluation.config import EvalRecipe
 from ray_zephyr.llm.cache import ResponseCache
 from ray_zephyr.llm.client import ChatClient, check_endpoint
+from ray_zephyr.llm.generate import check_generator
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -27,9 +28,11 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def run_evaluation(recipe: EvalRecipe) -> dict:
     tracking.check_installed(recipe.report_to)
+    from ray_zephyr.runtime import init_ray
+
+    check_generator(recipe.candidate, "candidate")
     check_endpoint(recipe.judge, "judge")
-    if recipe.candidate.kind == "openai":
-        check_endpoint(recipe.candidate.endpoint, "candidate")
+    init_ray()  # after the checks (a no-op where Ray is up): a bad recipe fails in seconds
     out = Path(recipe.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     results: dict = {}
@@ -87,10 +90,7 @@ def _too_ungraded(benchmark: str, unit: str, judgments: list[dict], key: str, li
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from ray_zephyr.runtime import init_ray
-
     recipe, _ = parse_recipe_args("Judged evaluation: MT-Bench and AlpacaEval style", argv, kind=EvalRecipe)
-    init_ray()
     results = run_evaluation(recipe)
     if "mt_bench" in results:
         m = results["mt_bench"]

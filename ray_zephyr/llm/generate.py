@@ -119,6 +119,18 @@ class FunctionCompletions(_Completions):
         return [{"generator": self.spec.name, "text": text} for text in self.function(messages, self.spec.n, seed)]
 
 
+def check_generator(spec: GeneratorConfig, key: str) -> None:
+    """Before any compute: an endpoint generator's endpoint answers, a model generator's model exists (a missing
+    folder is one line here, not a traceback from every Ray Data actor that tries to load it)."""
+    from ray_zephyr.llm.client import check_endpoint
+    from ray_zephyr.models import check_model_source
+
+    if spec.kind == "openai":
+        check_endpoint(spec.endpoint, key)
+    elif spec.kind in ("transformers", "vllm"):
+        check_model_source(spec.model, f"{key} model")
+
+
 def generate(rows: list[dict], spec: GeneratorConfig, seed: int) -> dict[str, list[dict]]:
     """Completions of `spec` for each row id (rows: {id, messages, temperature?})."""
     items = [{"id": str(r["id"]), "messages": json.dumps(r["messages"]), "seed": row_seed(seed, str(r["id"]), spec.name),

@@ -21,6 +21,7 @@ from ray.serve import Application
 from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
 
 from ray_zephyr.errors import UserError
+from ray_zephyr.models import check_model_source
 from ray_zephyr.serving.api import build_api
 from ray_zephyr.serving.engines import load_engine
 from ray_zephyr.serving.metrics import ServingMetrics
@@ -61,5 +62,7 @@ class ChatDeployment:
 
 
 def build_app(settings: ServeSettings) -> Application:
-    """Serve's application builder: `settings` come from the config file's `args` or `serve run` flags."""
+    """Serve's application builder: `settings` come from the config file's `args` or `serve run` flags. A model that
+    does not exist is one line here, before any replica starts (each would fail with the traceback, and retry)."""
+    check_model_source(settings.model, "model")
     return ChatDeployment.options(**settings.deployment_options()).bind(settings)
