@@ -58,6 +58,15 @@ def resolve_model_path(name_or_path: str, key: str = "model") -> str:
     return local
 
 
+def _token_hint(exc: BaseException) -> str:
+    """What to do when the hub refused a gated or private model (401/403): every node needs a token."""
+    text = str(exc)
+    if "gated repo" in text or "401 Client Error" in text or "403 Client Error" in text:
+        return (" (a gated or private model: set HF_TOKEN, on every node, to a token of an account that accepted its "
+                "licence; cluster/README.md shows how)")
+    return ""
+
+
 def load_tokenizer(recipe: Recipe) -> PreTrainedTokenizerBase:
     """The model's tokenizer with the recipe's chat template; a pad token if it has none."""
     source = recipe.model.tokenizer or recipe.model.name_or_path
@@ -67,7 +76,7 @@ def load_tokenizer(recipe: Recipe) -> PreTrainedTokenizerBase:
             name, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code
         )
     except (OSError, ValueError) as exc:
-        raise UserError(f"cannot load tokenizer {name!r}: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"cannot load tokenizer {name!r}: {str(exc).splitlines()[0]}{_token_hint(exc)}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     set_chat_template(tokenizer, recipe.data.chat_template)

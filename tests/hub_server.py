@@ -7,8 +7,10 @@ Routes, as huggingface_hub builds them (revisions and paths in the API routes ar
   GET  /api/datasets/{repo}/tree/{rev}[/{path}]         ?recursive=&expand=                 HfApi.list_repo_tree
   POST /api/datasets/{repo}/paths-info/{rev}            form: paths=..., expand=            HfApi.get_paths_info
   GET|HEAD /datasets/{repo}/resolve/{rev}/{path}        whole file or a `Range: bytes=a-b`  HfFileSystemFile
-Errors carry the Hub's `X-Error-Code` (RepoNotFound, RevisionNotFound, EntryNotFound), which the client maps to
-its exceptions. Files live in `<root>/<owner>/<name>/<quoted revision>/...`, one folder per branch or ref
+  GET|HEAD /{repo}/resolve/{rev}/{path}, /api/models/{repo}...   a model repo: 401 GatedRepo for the `gated` ones
+                                                                 (a gated model asked for without a token), else 404
+Errors carry the Hub's `X-Error-Code` (RepoNotFound, RevisionNotFound, EntryNotFound, GatedRepo), which the client
+maps to its exceptions. Files live in `<root>/<owner>/<name>/<quoted revision>/...`, one folder per branch or ref
 (`refs/convert/parquet` included); a revision is also found by its commit sha (a hash of repo and revision).
 """
 
@@ -28,15 +30,16 @@ def commit_sha(repo: str, revision: str) -> str:
 
 
 class NotFound(Exception):
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: str, message: str, status: int = 404):
         super().__init__(message)
-        self.code = code
+        self.code, self.status = code, status
 
 
 class StandInHub:
     def __init__(self, root: Path):
         self.root = Path(root)
         self.requests: list[tuple[str, str]] = []  # (method, path) of every request, in order
+        self.gated: set[str] = set()  # model repos that answer 401 GatedRepo (no token is ever accepted here)
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -122,6 +125,10 @@ class StandInHub:
                 raise NotFound("EntryNotFound", f"{unquote(inner)} does not exist on this revision")
             return 200, {"X-Repo-Commit": commit_sha(repo, name), "ETag": f'"{self._entry(folder, file)["oid"]}"',
                          "Accept-Ranges": "bytes"}, file.read_bytes()
+        model = re.fullmatch(r"/(?:api/models/)?([^/]+/[^/]+)(?:/.*)?", path)
+        if model and model.group(1) in self.gated:
+            raise NotFound("GatedRepo", f"Access to model {model.group(1)} is restricted. You must have access to it "
+                           "and be authenticated to access it. Please log in.", 401)
         return 404, {}, {"error": f"no route for {method} {path}"}
 
     def _handle(self, handler: BaseHTTPRequestHandler, method: str) -> None:
@@ -133,7 +140,7 @@ class StandInHub:
         try:
             status, headers, payload = self._route(method, url.path, parse_qs(url.query), body)
         except NotFound as missing:
-            status, headers, payload = 404, {"X-Error-Code": missing.code, "X-Error-Message": str(missing)}, \
+            status, headers, payload = missing.status, {"X-Error-Code": missing.code, "X-Error-Message": str(missing)}, \
                 {"error": str(missing)}
         if isinstance(payload, bytes):
             data, kind = payload, "application/octet-stream"

@@ -225,3 +225,41 @@ def test_token_auth_is_on_with_secrets_the_readme_creates():
             modes = [e.get("value") for e in c.get("env", []) if e["name"] == "RAY_AUTH_MODE"]
             assert modes in ([], ["token"]), c["name"]
     assert "ray-zephyr-api-key" in created
+
+
+def test_every_node_gets_the_hub_token_for_gated_models():
+    created = set(re.findall(r"kubectl create secret generic (\S+)", (CLUSTER / "README.md").read_text()))
+    assert "ray-zephyr-hf-token" in created
+    for spec in all_cluster_specs():  # head (the job drivers) and every worker group (weights downloaded there)
+        for c in containers(spec):
+            env = {e["name"]: e for e in c.get("env", [])}
+            ref = env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]
+            assert ref == {"name": "ray-zephyr-hf-token", "key": "token", "optional": True}, c["name"]
+    # the cluster launcher copies the token file huggingface_hub reads to every node, as it does Ray's auth token
+    assert AWS["file_mounts"]["~/.cache/huggingface/token"] == "~/.cache/huggingface/token"
+
+
+def test_a_gated_model_without_a_token_is_one_line_naming_hf_token(tmp_path):
+    """Against a local stand-in for the Hub that refuses a gated model (401 GatedRepo), through transformers' own
+    download path, as `jobs/dpo.py --config zephyr-7b-beta-dpo` meets Mistral's gate without HF_TOKEN."""
+    import os
+    import subprocess
+    import sys
+
+    from hub_server import StandInHub
+
+    hub = StandInHub(tmp_path / "hub")
+    hub.gated.add("mistralai/Mistral-7B-v0.1")
+    try:
+        env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+        env |= {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf-home")}
+        done = subprocess.run([sys.executable, "jobs/preview.py", "--config", "tiny-sft",
+                               "model.name_or_path=mistralai/Mistral-7B-v0.1"], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=300)
+    finally:
+        hub.close()
+    errors = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(errors) == 1, done.stderr[-3000:]
+    assert errors[0].startswith("error: cannot load tokenizer 'mistralai/Mistral-7B-v0.1': ")
+    assert "gated or private model: set HF_TOKEN, on every node" in errors[0]
+    assert any(path.startswith("/mistralai/Mistral-7B-v0.1/") for _, path in hub.requests)  # it did ask the hub
