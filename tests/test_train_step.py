@@ -69,6 +69,26 @@ def test_deepspeed_config_follows_the_recipe():
     assert "optimizer" not in reference and "offload_optimizer" not in reference["zero_optimization"]
     cpu = deepspeed_config(load_recipe("tiny-sft").train)
     assert cpu["bf16"] == {"enabled": False} and cpu["optimizer"]["params"]["torch_adam"]
+    assert "fused" not in cpu["optimizer"]["params"]  # TRL's adamw_torch, for the parity tests
+
+
+@pytest.mark.parametrize("overrides, implementation", [
+    ([], "torch's fused AdamW"),  # no DeepSpeed op to JIT-build with nvcc
+    (["train.offload_optimizer=true"], "DeepSpeed's CPU Adam"),
+])
+def test_adamw_on_gpu_needs_no_op_built_at_start(overrides, implementation):
+    import torch
+
+    train = load_recipe("zephyr-7b-beta-dpo-handbook", overrides).train
+    params = deepspeed_config(train)["optimizer"]["params"]
+    if implementation == "DeepSpeed's CPU Adam":
+        assert "torch_adam" not in params  # ZeRO-Offload's own optimizer
+        return
+    assert params["torch_adam"] and params["fused"]
+    # What DeepSpeed then builds: torch.optim.AdamW(params, **the rest, foreach=None); these kwargs are valid.
+    rest = {k: v for k, v in params.items() if k != "torch_adam"}
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(4))], **rest, foreach=None)
+    assert optimizer.defaults["fused"] and optimizer.defaults["lr"] == train.lr
     sized = deepspeed_config(load_recipe("tiny-sft").train, hidden_size=4096)["zero_optimization"]  # zephyr-7b's
     assert (sized["reduce_bucket_size"], sized["stage3_prefetch_bucket_size"],
             sized["stage3_param_persistence_threshold"]) == (4096**2, int(0.9 * 4096**2), 40960)  # HF's "auto" values

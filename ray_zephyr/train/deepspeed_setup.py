@@ -61,14 +61,24 @@ def deepspeed_config(train: TrainConfig, training: bool = True, hidden_size: int
     if training:
         config["gradient_clipping"] = train.max_grad_norm
         if train.optimizer == "adamw":
-            # DeepSpeed picks its fused CUDA Adam on GPU and its CPU Adam with offload; plain torch AdamW otherwise.
-            torch_adam = not train.use_gpu and not train.offload_optimizer
-            params = {"lr": train.lr, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": train.weight_decay}
-            config["optimizer"] = {"type": "AdamW", "params": params | ({"torch_adam": True} if torch_adam else {})}
+            config["optimizer"] = {"type": "AdamW", "params": adamw_params(train)}
         else:  # rmsprop, paged_adamw: an optimizer handed to DeepSpeed (see client_optimizer)
             config["zero_allow_untested_optimizer"] = True
             config["zero_force_ds_cpu_optimizer"] = False
     return config
+
+
+def adamw_params(train: TrainConfig) -> dict:
+    """DeepSpeed's AdamW, with the implementation chosen so that none is compiled on a GPU node. Left to itself,
+    DeepSpeed picks its FusedAdam on GPU, a CUDA op that PyPI's deepspeed ships as source and JIT-builds with nvcc
+    at `deepspeed.initialize` (a GPU image need not have nvcc, or one matching its torch). torch's fused AdamW
+    (`torch_adam` + `fused`) is a prebuilt CUDA kernel of the same update. With the optimizer offloaded, DeepSpeed's
+    CPU Adam (a C++ op built with the node's compiler on first use) is the one ZeRO-Offload runs. On CPU, torch's
+    plain AdamW: TRL's `adamw_torch`, so the parity tests compare the same update."""
+    params = {"lr": train.lr, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": train.weight_decay}
+    if train.offload_optimizer:
+        return params
+    return params | {"torch_adam": True} | ({"fused": True} if train.use_gpu else {})
 
 
 def hidden_size(model_path: str) -> int | None:
