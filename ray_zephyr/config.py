@@ -157,6 +157,10 @@ class TrainConfig(StrictSection):
         "model, metrics, sample audit: a local folder, or a URI (s3://, gs://, abfss://, ...)"))
     storage_path: str | None = Field(None, description=(
         "Ray Train checkpoints: local folder or URI; default output_dir/ray"))
+    staging_dir: str | None = Field(None, description=(
+        "a local folder on every node for what is written before it is uploaded (each rank's ZeRO checkpoint state, "
+        "~44 GB per 8-GPU node at 7B, and the model being published): a large local disk, not the container's "
+        "/tmp; none: TMPDIR, else /tmp"))
     shared_filesystem: bool = Field(False, description=(
         "a local output_dir is mounted on every node (e.g. KubeRay's shared volume)"))
     resume: Literal["auto", "fresh"] = Field("auto", description=(

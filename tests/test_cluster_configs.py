@@ -263,3 +263,20 @@ def test_a_gated_model_without_a_token_is_one_line_naming_hf_token(tmp_path):
     assert errors[0].startswith("error: cannot load tokenizer 'mistralai/Mistral-7B-v0.1': ")
     assert "gated or private model: set HF_TOKEN, on every node" in errors[0]
     assert any(path.startswith("/mistralai/Mistral-7B-v0.1/") for _, path in hub.requests)  # it did ask the hub
+
+
+def test_gpu_workers_stage_checkpoints_and_weights_on_a_local_volume_not_the_root_disk():
+    from ray_zephyr.storage import CACHE_ENV
+
+    spec = MANIFESTS["raycluster.yaml"]["spec"]
+    for group in spec["workerGroupSpecs"]:
+        pod = group["template"]["spec"]
+        (container,) = pod["containers"]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        for name in ("TMPDIR", "HF_HOME", CACHE_ENV):  # tempfile (checkpoint staging), the hub's cache, ours
+            (mount,) = [m for m in mounts if env[name] == m or env[name].startswith(m + "/")]
+            volume = volumes[mounts[mount]]
+            assert "hostPath" in volume or "emptyDir" in volume, (name, volume)  # node-local, not the shared PVC
+            assert volume.get("emptyDir", {}).get("medium") != "Memory", name

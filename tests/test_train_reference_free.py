@@ -1,7 +1,7 @@
 """ORPO, a reference-free objective, through the real launcher (slow, ~1 min): one stage from the untrained base
 model on 2 CPU workers under ZeRO-3, with no reference pass (no reference columns in the row file) and its two means
 (chosen tokens, pairs) taken over the whole global batch across workers; each worker has the CPU threads
-`train.cpus_per_worker` reserves."""
+`train.cpus_per_worker` reserves, and stages what it writes in `train.staging_dir`."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def test_orpo_trains_from_the_base_model_without_a_reference_pass(ray_session, e
                                       "data.eval=[{path: embedded, split: test, rows: 16}]", "train.epochs=1",
                                       "train.log_every_steps=1", "train.eval_every_steps=0", "train.warmup_ratio=0",
                                       "dpo.loss_type=orpo", "dpo.beta=0.2", "dpo.rpo_alpha=0",
-                                      "train.cpus_per_worker=2"])
+                                      "train.cpus_per_worker=2", f"train.staging_dir={tmp_path / 'staging'}"])
     assert recipe.train.num_workers == 2 and recipe.train.zero_stage == 3
     result = run_training(recipe)
     assert "reference: none (orpo is reference-free: no reference pass)" in result.data_report
@@ -37,5 +37,8 @@ def test_orpo_trains_from_the_base_model_without_a_reference_pass(ray_session, e
     assert train[-1]["nll_loss"] < train[0]["nll_loss"]
     workers = [json.loads((out / "workers" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [w["torch_threads"] for w in workers] == [2, 2]  # train.cpus_per_worker reached torch in each worker
+    # the model was staged in train.staging_dir before it was published (tempfile's folder in each worker)
+    assert [w["staging_dir"] for w in workers] == [str(tmp_path / "staging")] * 2
+    assert (out / "model" / "model.safetensors").is_file() and not list((tmp_path / "staging").iterdir())
     final = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["split"] == "eval"]
     assert final and "eval_log_odds_ratio" in final[-1]

@@ -34,7 +34,7 @@ TAG = "zero"
 FINGERPRINT_FILE = "fingerprint.json"
 RANK_FILE = re.compile(r"zero_pp_rank_(\d+)_")
 # Keys that change where a run writes or how it is watched, not what it computes.
-BOOKKEEPING = {"train.output_dir", "train.storage_path", "train.shared_filesystem", "train.resume", "train.max_failures",
+BOOKKEEPING = {"train.output_dir", "train.storage_path", "train.staging_dir", "train.shared_filesystem", "train.resume", "train.max_failures",
                "train.log_every_steps", "train.eval_every_steps", "train.checkpoint_every_steps",
                "train.placement_strategy", "train.report_to", "train.run_name", "train.project", "data.stall_timeout_s", "data.start_timeout_s", "data.on_bad_row", "model.lora.merge"}
 

@@ -14,6 +14,8 @@ trains on at each step is `rows.Layout`'s business; what a checkpoint holds is `
 
 from __future__ import annotations
 
+import os
+import tempfile
 import uuid
 
 import ray.train
@@ -46,6 +48,9 @@ def train_loop(config: dict) -> None:
     attempt = uuid.uuid4().hex[:8]
 
     # -- set up ------------------------------------------------------------------------------------
+    if train.staging_dir:  # checkpoints and the model are staged here (tempfile), before they are uploaded
+        os.makedirs(train.staging_dir, exist_ok=True)
+        os.environ["TMPDIR"] = tempfile.tempdir = train.staging_dir
     model_path = resolve_model_path(plan.model_path)
     engine = build_engine(recipe, model_path, total_steps)
     resident = recipe.stage == "dpo" and recipe.dpo.reference == "resident"

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import tempfile
 import time
 from pathlib import Path
 
@@ -96,6 +97,6 @@ class RunFiles:
         held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
         info = {"rank": self.rank, "attempt": self.attempt, "node_id": ray.get_runtime_context().get_node_id(),
                 "hostname": socket.gethostname(), "pid": os.getpid(), "device": str(engine.device),
-                "torch_threads": torch.get_num_threads(),
+                "torch_threads": torch.get_num_threads(), "staging_dir": tempfile.gettempdir(),
                 "parameters": total, "parameters_held": held, **facts}
         storage.write_text(storage.join(self.output_dir, "workers", f"rank{self.rank}.json"), json.dumps(info, indent=1))
