@@ -80,9 +80,14 @@ def test_settings_defaults_suit_a_7b_model_on_one_gpu_per_replica():
     options = ServeSettings().deployment_options()
     assert (options["health_check_period_s"], options["health_check_timeout_s"]) == (10, 30)
     assert options["ray_actor_options"] == {"num_gpus": 1, "num_cpus": 1, "runtime_env": {"env_vars": REPLICA_ENV}}
-    assert options["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 32,
+    # a replica takes what vLLM batches at once (its max_num_seqs), and Serve scales out at half of that
+    assert options["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 128,
                                              "upscale_delay_s": 30, "downscale_delay_s": 300}
-    assert options["max_ongoing_requests"] == 64
+    assert options["max_ongoing_requests"] == 256
+    tuned = ServeSettings(vllm_engine_args={"max_num_seqs": 512})
+    assert (tuned.max_ongoing_requests, tuned.target_ongoing_requests) == (512, 256)
+    cpu = ServeSettings(engine="transformers", max_batch_rows=16)  # the CPU engine: its own batch bound
+    assert (cpu.max_ongoing_requests, cpu.target_ongoing_requests) == (16, 8)
     assert ServeSettings(engine="transformers").num_gpus == 0  # the CPU engine holds no GPU by default
     assert ServeSettings(model="/x/zephyr-7b").served_name() == "zephyr-7b"
     assert ServeSettings(model="outputs/tiny-dpo/model").served_name() == "tiny-dpo"

@@ -43,6 +43,9 @@ def vllm_resources_problem(num_gpus: float, engine_args: dict[str, Any]) -> str 
     return None
 
 
+VLLM_MAX_NUM_SEQS = 256  # vLLM's EngineArgs default: sequences one engine step batches at most
+
+
 class ServeSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
@@ -65,10 +68,12 @@ class ServeSettings(BaseModel):
 
     min_replicas: int = Field(1, ge=0, description="replicas kept running however idle")
     max_replicas: int = Field(4, ge=1, description="replicas Serve scales up to under load")
-    target_ongoing_requests: float = Field(32, gt=0, description=(
-        "requests in flight per replica that Serve's autoscaler aims at"))
-    max_ongoing_requests: int = Field(64, ge=1, description=(
-        "requests in flight per replica at most; more wait at the proxy"))
+    target_ongoing_requests: float | None = Field(None, gt=0, description=(
+        "requests in flight per replica that Serve's autoscaler aims at; default half of max_ongoing_requests"))
+    max_ongoing_requests: int | None = Field(None, ge=1, description=(
+        "requests in flight per replica at most, more wait at the proxy; default what the engine decodes at once: "
+        f"vLLM's max_num_seqs (from vllm_engine_args, else its default {VLLM_MAX_NUM_SEQS}), the transformers "
+        "engine's max_batch_rows"))
     upscale_delay_s: float = Field(30, ge=0, description="load above the target this long adds replicas")
     downscale_delay_s: float = Field(300, ge=0, description="load below the target this long removes replicas")
     num_gpus: float | None = Field(None, ge=0, description=(
@@ -82,6 +87,17 @@ class ServeSettings(BaseModel):
         if isinstance(values, dict) and values.get("num_gpus") is None:
             values = values | {"num_gpus": 0 if values.get("engine") == "transformers" else 1}
         return values
+
+    @model_validator(mode="after")
+    def _default_ongoing(self) -> ServeSettings:
+        """A replica takes as many requests as its engine decodes together (vLLM batches continuously: capping it at
+        a few dozen would leave a GPU that fits 256 sequences mostly idle), and Serve scales out at half of that."""
+        if self.max_ongoing_requests is None:
+            self.max_ongoing_requests = int(self.vllm_engine_args.get("max_num_seqs", VLLM_MAX_NUM_SEQS)) \
+                if self.engine == "vllm" else self.max_batch_rows
+        if self.target_ongoing_requests is None:
+            self.target_ongoing_requests = max(1, self.max_ongoing_requests // 2)
+        return self
 
     @model_validator(mode="after")
     def _consistent(self) -> ServeSettings:
