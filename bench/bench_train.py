@@ -256,6 +256,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=BATCH)
     parser.add_argument("--max-length", type=int, default=MAX_LENGTH)
     parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--stages", nargs="+", choices=["sft", "dpo"], default=["sft", "dpo"])
+    parser.add_argument("--sides", nargs="+", help="only these sides (ours, ours-padding-free, trl, trl-packed, "
+                        "ours-resident)")
     parser.add_argument("--child", nargs=3, metavar=("SIDE", "STAGE", "PATH"))
     args = parser.parse_args()
     BATCH, MAX_LENGTH = args.batch, args.max_length
@@ -268,9 +271,10 @@ def main() -> None:
           f"{MAX_LENGTH}, {'bf16 GPU' if args.device == 'cuda' else 'fp32 CPU'}, {args.steps} timed steps, "
           f"load average {os.getloadavg()[0]:.2f}")
     report = {"args": vars(args), "stages": {}}
-    for stage in ("sft", "dpo"):
+    for stage in args.stages:
         sides = ["ours", "ours-padding-free", "trl"] + (["trl-packed"] if stage == "sft" else [])
         sides += ["ours-resident"] if stage == "dpo" and args.resident else []
+        sides = [side for side in sides if not args.sides or side in args.sides]
         results = {}
         for side in sides:
             proc = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--device", args.device,

@@ -202,8 +202,8 @@ def build_model(tokenizer, hidden_size: int = 64, layers: int = 2, seed: int = 0
         hidden_size=hidden_size,
         intermediate_size=hidden_size * 4,
         num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=max(4, hidden_size // 128),  # head_dim <= 128 at any width (FlashAttention's limit is 256)
+        num_key_value_heads=max(2, hidden_size // 512),  # 4096 wide: 32 heads, 8 KV heads, as Mistral-7B
         max_position_embeddings=2048,
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
