@@ -263,6 +263,8 @@ def test_aif_job_generates_judges_binarizes_and_resumes_from_the_cache(judge_ser
     for row in table:
         scores = [c["overall"] for c in row["completions"]]
         assert [c["generator"] for c in row["completions"]] == ["local", "local", "served", "teacher"]
+        for completion in row["completions"][:3]:  # the engine's and the endpoint's: why each stopped, and its length
+            assert completion["finish_reason"] in ("stop", "length") and 0 <= completion["tokens"] <= 8, completion
         assert row["score_chosen"] == max(scores) and row["score_rejected"] in scores
         assert row["chosen"][:-1] == row["rejected"][:-1] and row["chosen"][-1]["role"] == "assistant"
         assert row["messages"] == row["chosen"] and row["prompt"] == row["chosen"][-2]["content"]

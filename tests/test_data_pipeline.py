@@ -224,6 +224,19 @@ def test_a_stalled_pipeline_raises_instead_of_hanging(ray_session):
     assert time.monotonic() - start < 60
 
 
+def test_preview_lengths_are_after_truncation_and_supervised_never_exceeds_them():
+    import numpy as np
+
+    from ray_zephyr.config import load_recipe
+    from ray_zephyr.data.preview import _lengths
+
+    pair = {"prompt_ids": np.array([[1] * 10], dtype=object), "chosen_ids": np.array([[2] * 30], dtype=object),
+            "rejected_ids": np.array([[3] * 5], dtype=object)}
+    for mode, supervised in (("keep_start", 10 + 5), ("keep_end", 20 + 5)):
+        recipe = load_recipe("tiny-dpo", ["data.max_length=20", f"data.truncation_mode={mode}"])
+        assert _lengths(pair, recipe) == ([20 + 15], [supervised])  # both sequences, each cut at max_length
+
+
 def test_preview_shows_counts_lengths_and_a_marked_example(joined_env):
     result = subprocess.run(
         [sys.executable, "jobs/preview.py", "--config", "tiny-dpo", "model.name_or_path=embedded",
@@ -234,5 +247,6 @@ def test_preview_shows_counts_lengths_and_a_marked_example(joined_env):
     out = result.stdout
     assert "train: read 300 rows = kept 300 + dropped 0" in out
     assert "eval: read 50 rows = kept 50 + dropped 0" in out
-    assert "train tokens per row: p50 " in out and "supervised tokens: p50 " in out
+    assert "train tokens per row after truncation (a pair: prompt + chosen and prompt + rejected): p50 " in out
+    assert "supervised tokens: p50 " in out
     assert "<|assistant|>\n[[" in out and "--- rejected completion:" in out

@@ -120,10 +120,11 @@ def run_aif(recipe: AIFRecipe, prompts: list[dict] | None = None, keep_generated
     out_dir.mkdir(parents=True, exist_ok=True)
     completions = _generate_all(recipe, prompts, out_dir if keep_generated else None)
     for spec in recipe.generators:
-        summary.completions[spec.name] = sum(1 for outs in completions.values() for c in outs if c["generator"] == spec.name)
+        summary.completions[spec.name] = sum(1 for outs in completions.values() for c in outs  # made, not failed
+                                             if c["generator"] == spec.name and c.get("text") is not None)
 
     unrated: Counter = Counter(c["error"] for outs in completions.values() for c in outs if c.get("text") is None)
-    summary.generated_tokens = sum(c.get("tokens", 0) for outs in completions.values() for c in outs)
+    summary.generated_tokens = sum(c.get("tokens") or 0 for outs in completions.values() for c in outs)
     items = [(p, c) for p in prompts for c in completions[p["id"]] if c.get("text") is not None]
     cache = ResponseCache(out_dir / "judge_cache.sqlite")
     try:

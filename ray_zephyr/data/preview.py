@@ -6,17 +6,24 @@ import numpy as np
 
 from ray_zephyr.config import Recipe
 from ray_zephyr.data.pipeline import build_datasets
+from ray_zephyr.data.tokenize import truncate
 from ray_zephyr.prefetch import iter_with_stall_timeout
 
 PERCENTILES = (50, 90, 99, 100)
 
 
-def _lengths(rows: dict, stage: str) -> tuple[list[int], list[int]]:
-    """(sequence tokens, supervised tokens) per row; DPO counts prompt + the longer completion."""
-    if stage == "sft":
+def _lengths(rows: dict, recipe: Recipe) -> tuple[list[int], list[int]]:
+    """(tokens, supervised tokens) per row as the model gets them, after truncation to data.max_length (DPO keeps
+    prompt and completions apart until it collates, so a pair counts both of its sequences, each cut there)."""
+    if recipe.stage == "sft":
         return [len(x) for x in rows["input_ids"]], [int(np.sum(np.asarray(x) != -100)) for x in rows["labels"]]
-    seq = [len(p) + max(len(c), len(r)) for p, c, r in zip(rows["prompt_ids"], rows["chosen_ids"], rows["rejected_ids"])]
-    return seq, [len(c) + len(r) for c, r in zip(rows["chosen_ids"], rows["rejected_ids"])]
+    seq, sup = [], []
+    for prompt, chosen, rejected in zip(rows["prompt_ids"], rows["chosen_ids"], rows["rejected_ids"]):
+        masks = [truncate([0] * len(prompt) + [1] * len(c), recipe.data.max_length, recipe.data.truncation_mode)
+                 for c in (chosen, rejected)]
+        seq.append(sum(len(m) for m in masks))
+        sup.append(sum(sum(m) for m in masks))
+    return seq, sup
 
 
 def mark_supervised(tokenizer, ids: list[int], supervised: list[bool]) -> str:
@@ -56,7 +63,7 @@ def preview(recipe: Recipe, tokenizer, max_rows: int | None = None) -> str:
         batches = ds.iter_batches(batch_size=256, batch_format="numpy")
         for batch in iter_with_stall_timeout(batches, recipe.data.stall_timeout_s, f"preview {name}",
                                              recipe.data.start_timeout_s):
-            s, p = _lengths(batch, recipe.stage)
+            s, p = _lengths(batch, recipe)
             seq += s
             sup += p
             if example is None and len(batch["source"]):
@@ -68,7 +75,8 @@ def preview(recipe: Recipe, tokenizer, max_rows: int | None = None) -> str:
 
     for name, (seq, sup) in stats.items():
         if seq:
-            lines.append(f"{name} tokens per row: {pct(seq)}; supervised tokens: {pct(sup)}")
+            both = " (a pair: prompt + chosen and prompt + rejected)" if recipe.stage == "dpo" else ""
+            lines.append(f"{name} tokens per row after truncation{both}: {pct(seq)}; supervised tokens: {pct(sup)}")
     if example is not None:
         lines.append(f"example ({example['source']} row {example['row']}; supervised tokens in [[ ]]):")
         lines.append(render_example(tokenizer, example, recipe.stage))

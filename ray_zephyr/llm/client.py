@@ -38,6 +38,8 @@ class Reply:
     texts: list[str] = field(default_factory=list)
     error: str | None = None
     cached: bool = False
+    finish_reasons: list[str | None] = field(default_factory=list)  # one per choice: stop, length, ...
+    completion_tokens: int | None = None  # over all choices, as the API's usage counts them
 
 
 @dataclass
@@ -101,7 +103,8 @@ class ChatClient:
         key = {**request, "attempt": attempt}
         if self.cache is not None and (hit := self.cache.get(key)) is not None:
             self.stats.cached += 1
-            return Reply(texts=hit["texts"], cached=True)
+            return Reply(texts=hit["texts"], cached=True, finish_reasons=hit.get("finish_reasons", []),
+                         completion_tokens=hit.get("completion_tokens"))
         async with self._slots:
             self.stats.calls += 1
             try:
@@ -111,12 +114,14 @@ class ChatClient:
                 self.stats.errors[reason] += 1
                 return Reply(error=reason)
         texts = [choice.message.content or "" for choice in response.choices]
+        finish_reasons = [choice.finish_reason for choice in response.choices]
+        tokens = response.usage.completion_tokens if response.usage is not None else None
         if response.usage is not None:
             self.stats.prompt_tokens += response.usage.prompt_tokens
             self.stats.completion_tokens += response.usage.completion_tokens
         if self.cache is not None:
-            self.cache.put(key, {"texts": texts})
-        return Reply(texts=texts)
+            self.cache.put(key, {"texts": texts, "finish_reasons": finish_reasons, "completion_tokens": tokens})
+        return Reply(texts=texts, finish_reasons=finish_reasons, completion_tokens=tokens)
 
     async def ask(self, messages: list[dict], parse: Callable[[str], T], retries: int,
                   **sampling) -> tuple[T | None, str | None, list[str]]:

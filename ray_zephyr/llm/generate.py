@@ -103,7 +103,11 @@ class EndpointCompletions(_Completions):
                                        max_tokens=self.spec.max_tokens, n=self.spec.n, seed=seed)
         if reply.error is not None:
             return [{"generator": self.spec.name, "text": None, "error": f"generator_{reply.error}"}]
-        return [{"generator": self.spec.name, "text": t} for t in reply.texts]
+        # The API counts tokens over all choices: each choice's own count is known only when there is one.
+        tokens = reply.completion_tokens if len(reply.texts) == 1 else None
+        reasons = reply.finish_reasons or [None] * len(reply.texts)
+        return [{"generator": self.spec.name, "text": t, "finish_reason": r, "tokens": tokens}
+                for t, r in zip(reply.texts, reasons, strict=True)]
 
 
 class FunctionCompletions(_Completions):

@@ -24,7 +24,7 @@ from ray_zephyr.models import check_model_source, load_tokenizer, resolve_model_
 from ray_zephyr.train import checkpoint, faults
 from ray_zephyr.train.deepspeed_setup import grad_accumulation_steps
 from ray_zephyr.train.plan import WorkerPlan
-from ray_zephyr.train.rows import Layout, write_rows
+from ray_zephyr.train.rows import Layout, eval_layout, write_rows
 from ray_zephyr.train.run_files import SUMMARY
 
 
@@ -166,6 +166,12 @@ def run_training(recipe: Recipe, on_start: Callable[[int], None] | None = None) 
                     recipe.seed, recipe.data.shuffle, train.micro_batch_tokens)
     if layout.steps_per_epoch == 0:
         raise UserError(f"{counts['train']} training rows cannot fill one global batch of {layout.global_batch}")
+    evaluated = eval_layout(counts["eval"], train.per_device_batch_size, train.num_workers)
+    if used := evaluated.steps_per_epoch * evaluated.global_batch:
+        if used < counts["eval"]:  # every worker runs the same forwards under ZeRO-3: whole rounds only
+            data_report.append(f"eval: {used} of the {counts['eval']} kept rows scored at each evaluation (whole "
+                               f"rounds of {train.num_workers} workers x {train.per_device_batch_size} rows; "
+                               f"{counts['eval'] - used} left out)")
     total_steps = layout.steps_per_epoch * train.epochs
     if train.max_steps > 0:
         total_steps = min(total_steps, train.max_steps)
