@@ -289,6 +289,11 @@ class Recipe(StrictSection):
             raise ValueError("model.load_in_4bit needs train.zero_stage=2: ZeRO-3 does not partition 4-bit weights "
                              "(each worker holds the 4-bit model; ZeRO-2 partitions the adapter's gradients and "
                              "optimizer state)")
+        if self.train.use_gpu and self.train.padding_free and not self.model.attn_implementation.startswith("flash"):
+            raise ValueError(f"train.padding_free on GPU needs model.attn_implementation=flash_attention_2 (its varlen "
+                             f"kernel keeps the packed rows apart); with {self.model.attn_implementation}, transformers "
+                             "builds a tokens x tokens mask of each packed micro-batch (16k tokens: 16k x 16k per "
+                             "layer) and runs out of memory. Or use train.group_by_length=true instead")
         if self.dpo.reference_model and self.model.lora:
             raise ValueError("dpo.reference_model with model.lora: a LoRA run's reference is its base model with the "
                              "adapter off; train without lora to use another reference")

@@ -135,6 +135,10 @@ def test_the_iterative_recipe_resolves_each_rounds_aif_and_dpo_recipes(tmp_path)
     assert round_recipes(recipe, 1)[1].dpo.reference_model is None  # round 1 starts from the dSFT model itself
     with pytest.raises(UserError, match=r"policy_generator 'teacher' is of kind function: the policy must be a model"):
         round_recipes(recipe.model_copy(update={"policy_generator": "teacher"}), 1)
+    with pytest.raises(UserError, match=r"train.padding_free on GPU needs model.attn_implementation=flash_attention_2"):
+        load_recipe("zephyr-7b-beta-sft", ["train.padding_free=true"])  # sdpa would build an L x L mask per layer
+    assert load_recipe("zephyr-7b-beta-sft", ["train.padding_free=true",
+                                              "model.attn_implementation=flash_attention_2"]).train.padding_free
     with pytest.raises(UserError, match=r"dpo.reference_model with model.lora: a LoRA run's reference is its base"):
         load_recipe("tiny-dpo", ["dpo.reference_model=outputs/x/model", "model.lora={r: 8}"])
 
