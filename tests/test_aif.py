@@ -256,6 +256,9 @@ def test_aif_job_generates_judges_binarizes_and_resumes_from_the_cache(judge_ser
     assert summary.prompts == 6 and summary.completions == {"local": 12, "served": 6, "teacher": 6}
     assert summary.judge_calls == 24 == len(judge_server.requests) - calls_before and summary.judge_cached == 0
     assert summary.rated == 24 and summary.pairs == 6 and summary.generated_tokens > 0
+    # the three generators ran at once (each its own Ray Data execution): together longer than the wall time taken
+    assert set(summary.generation_seconds) == {"local", "served", "teacher"}
+    assert sum(summary.generation_seconds.values()) > 1.2 * summary.generation_wall_seconds, summary
     shown = capsys.readouterr().err.splitlines()  # no terminal here: plain progress lines
     assert "judge: 24 ratings" in shown and any(line.startswith("judge: rating 24/24 (100%)") for line in shown)
 

@@ -237,7 +237,14 @@ def test_service_answers_again_after_its_replicas_are_killed(ray_session, client
 def test_a_replica_failing_its_health_check_is_replaced(ray_session, client):
     """A frozen replica (SIGSTOP: alive, but answering nothing) misses its health checks
     (`health_check_timeout_s` 5 here, 3 misses); Serve must stop it (force-killing it after its 20 s grace
-    period), start another, and the service must answer."""
+    period), start another, and the service must answer. A replica still starting (the previous test's
+    replacements may be) runs no health checks yet, so the frozen one is picked once every replica runs."""
+    from ray import serve
+
+    deadline = time.monotonic() + 120
+    while set(states := serve.status().applications[APP].deployments["ChatDeployment"].replica_states) != {"RUNNING"}:
+        assert time.monotonic() < deadline, f"the replicas did not all reach RUNNING within 120 s: {states}"
+        time.sleep(1)
     name, pid = sorted(replica_pids(ray_session).items())[0]
     os.kill(pid, signal.SIGSTOP)
     try:

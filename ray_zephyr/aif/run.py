@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,6 +38,8 @@ class AIFSummary:
     prompts: int = 0
     completions: dict[str, int] = field(default_factory=dict)  # per generator
     generated_tokens: int = 0
+    generation_seconds: dict[str, float] = field(default_factory=dict)  # per generator; they run at once
+    generation_wall_seconds: float = 0.0
     judge_calls: int = 0  # requests sent to the teacher (each with the client's own retries)
     judge_cached: int = 0  # answers taken from the cache instead
     judge_parse_retries: int = 0
@@ -78,18 +81,39 @@ def _pair_row(prompt: dict, completions: list[dict], pair: Pair) -> dict:
     }
 
 
-def _generate_all(recipe: AIFRecipe, prompts: list[dict], keep_in: Path | None) -> dict[str, list[dict]]:
-    """Every generator's completions per prompt id. With `keep_in`, the finished pass is kept in
-    <keep_in>/generated.json under a key of the seed, generators and prompt ids, and a rerun with the same key reads
-    it back: a crash while judging does not sample again (and a resampled answer would miss the judge cache)."""
+def _each_generator(recipe: AIFRecipe, prompts: list[dict]) -> tuple[list[dict[str, list[dict]]], dict[str, float]]:
+    """Every generator's pass, all at once: one Ray Data execution per generator, each from its own thread, so a
+    cluster's GPUs serve every model's actors together instead of one generator's after another's (Ray schedules
+    what the resources allow and queues the rest). Each generator's completions stay its own, seeded per row.
+    Returns the passes in the recipe's order and each one's seconds."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def timed(spec):
+        start = time.perf_counter()
+        return generate(prompts, spec, recipe.seed), time.perf_counter() - start
+
+    with ThreadPoolExecutor(max_workers=len(recipe.generators), thread_name_prefix="generator") as pool:
+        done = [f.result() for f in [pool.submit(timed, spec) for spec in recipe.generators]]
+    return [by_prompt for by_prompt, _ in done], {g.name: s for g, (_, s) in zip(recipe.generators, done)}
+
+
+def _generate_all(recipe: AIFRecipe, prompts: list[dict], keep_in: Path | None, summary: AIFSummary
+                  ) -> dict[str, list[dict]]:
+    """Every generator's completions per prompt id (their seconds into `summary`). With `keep_in`, the finished
+    pass is kept in <keep_in>/generated.json under a key of the seed, generators and prompt ids, and a rerun with
+    the same key reads it back: a crash while judging does not sample again (and a resampled answer would miss the
+    judge cache)."""
     key = hashlib.sha256(json.dumps([recipe.seed, [g.model_dump(mode="json") for g in recipe.generators],
                                      [p["id"] for p in prompts]]).encode()).hexdigest()
     path = keep_in / GENERATED if keep_in else None
     if path and path.is_file() and (saved := json.loads(path.read_text()))["key"] == key:
         return saved["completions"]
     completions: dict[str, list[dict]] = {p["id"]: [] for p in prompts}
-    for spec in recipe.generators:
-        for prompt_id, outs in generate(prompts, spec, recipe.seed).items():
+    start = time.perf_counter()
+    passes, summary.generation_seconds = _each_generator(recipe, prompts)
+    summary.generation_wall_seconds = time.perf_counter() - start
+    for by_prompt in passes:  # in the recipe's order, whichever finished first
+        for prompt_id, outs in by_prompt.items():
             completions[prompt_id] += outs
     if path:
         path.with_suffix(".tmp").write_text(json.dumps({"key": key, "completions": completions}))
@@ -118,7 +142,7 @@ def run_aif(recipe: AIFRecipe, prompts: list[dict] | None = None, keep_generated
     summary.prompts = len(prompts)
     out_dir = Path(recipe.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    completions = _generate_all(recipe, prompts, out_dir if keep_generated else None)
+    completions = _generate_all(recipe, prompts, out_dir if keep_generated else None, summary)
     for spec in recipe.generators:
         summary.completions[spec.name] = sum(1 for outs in completions.values() for c in outs  # made, not failed
                                              if c["generator"] == spec.name and c.get("text") is not None)
