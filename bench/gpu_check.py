@@ -101,7 +101,7 @@ def _recipe(model: str, device: str, *overrides: str):
     return load_recipe("tiny-sft", [f"model.name_or_path={model}", "train.num_workers=1", "train.global_batch_size=4",
                                     "train.per_device_batch_size=4", "train.lr=1.0e-3", "train.lr_scheduler=constant",
                                     "train.warmup_ratio=0", "train.max_grad_norm=1.0", "train.weight_decay=0",
-                                    "data.max_length=128", "train.optimizer=adamw",
+                                    "data.max_length=128", "train.optimizer=adamw", "train.padding_free=false",
                                     f"train.use_gpu={device == 'cuda'}", f"model.attn_implementation={attention(device)}",
                                     *overrides])
 
