@@ -45,6 +45,7 @@ def base_url(ray_session, embedded_model_dir):
         min_replicas=1, max_replicas=2, target_ongoing_requests=2, max_ongoing_requests=32,
         upscale_delay_s=0, downscale_delay_s=600, default_max_tokens=DEFAULT_MAX_TOKENS,
         max_request_bytes=MAX_REQUEST_BYTES, health_check_period_s=1, health_check_timeout_s=5,
+        graceful_shutdown_timeout_s=2,
     )
     yield from serve_on_loopback(settings)
 
@@ -236,11 +237,15 @@ def test_service_answers_again_after_its_replicas_are_killed(ray_session, client
 
 def test_a_replica_failing_its_health_check_is_replaced(ray_session, client):
     """A frozen replica (SIGSTOP: alive, but answering nothing) misses its health checks
-    (`health_check_timeout_s` 5 here, 3 misses); Serve must stop it (force-killing it after its 20 s grace
-    period), start another, and the service must answer. A replica still starting (the previous test's
-    replacements may be) runs no health checks yet, so the frozen one is picked once every replica runs."""
+    (`health_check_timeout_s` 5 here, 3 misses); Serve must stop it (force-killing it after its grace period,
+    `graceful_shutdown_timeout_s`, 2 s here), start another, and the service must answer. A replica still starting
+    (the previous test's replacements may be) runs no health checks yet, so the frozen one is picked once every
+    replica runs."""
     from ray import serve
 
+    details = serve.context._get_global_client().get_serve_details()
+    config = details["applications"][APP]["deployments"]["ChatDeployment"]["deployment_config"]
+    assert config["graceful_shutdown_timeout_s"] == 2  # ServeSettings reached Serve (its default is 20)
     deadline = time.monotonic() + 120
     while set(states := serve.status().applications[APP].deployments["ChatDeployment"].replica_states) != {"RUNNING"}:
         assert time.monotonic() < deadline, f"the replicas did not all reach RUNNING within 120 s: {states}"
@@ -283,10 +288,12 @@ def test_serving_metrics_move_with_real_requests(base_url, client, prompt_tokens
     def read() -> dict[str, float]:
         return {key: _scrape(name, model=MODEL, **labels) for key, (name, labels) in names.items()}
 
-    # Ray exports what replicas record every 10 s: wait until the earlier tests' last requests are in the baseline
+    # Ray exports what replicas record every METRICS_INTERVAL_S (conftest): wait until the earlier tests' last
+    # requests are in the baseline
+    interval = float(os.environ["RAY_metrics_report_interval_ms"]) / 1000
     before, steady_since = read(), time.monotonic()
-    while time.monotonic() - steady_since < 12:
-        time.sleep(2)
+    while time.monotonic() - steady_since < 2.5 * interval:
+        time.sleep(interval / 2)
         now = read()
         if now != before:
             before, steady_since = now, time.monotonic()
@@ -307,7 +314,7 @@ def test_serving_metrics_move_with_real_requests(base_url, client, prompt_tokens
         delta = {key: after[key] - before[key] for key in names}
         if all(delta[key] >= value for key, value in expected.items()):
             break
-        time.sleep(2)
+        time.sleep(interval / 2)
     assert {key: delta[key] for key in expected} == expected
     assert 1 <= delta["per_token"] <= 3  # answers of one token have no time per output token
     assert _scrape("ray_rz_chat_requests_in_flight", model=MODEL) == 0

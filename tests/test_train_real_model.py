@@ -23,9 +23,11 @@ from ray_zephyr.train.launch import run_training
 pytestmark = pytest.mark.slow
 trl = pytest.importorskip("trl")
 
-# DPO: 3 steps in CI (RZ_PARITY_STEPS=5 for the 5 that docs/results.md records); SFT: 3, all that the 14 usable chats
-# of the UltraChat sample give at batch 4
-DPO_STEPS, SFT_STEPS = int(os.environ.get("RZ_PARITY_STEPS", "3")), 3
+# 2 steps in CI: the second one follows an AdamW update, so optimizer and clipping are compared too (~15 s per step
+# per trainer here). RZ_PARITY_STEPS=5 gives the 5 DPO steps that docs/results.md records; SFT has at most 3, all
+# that the 14 usable chats of the UltraChat sample give at batch 4.
+PARITY_STEPS = int(os.environ.get("RZ_PARITY_STEPS", "2"))
+DPO_STEPS, SFT_STEPS = PARITY_STEPS, min(PARITY_STEPS, 3)
 BATCH, LR = 4, 5e-5
 COMMON = [f"train.global_batch_size={BATCH}", "train.per_device_batch_size=1", "train.num_workers=2",
           "train.zero_stage=3", f"train.lr={LR}", "train.lr_scheduler=constant", "train.warmup_ratio=0",
@@ -60,6 +62,18 @@ def _trl_logs(trainer) -> list[dict]:
     return [log for log in trainer.state.log_history if "loss" in log]
 
 
+def _moved(before: Path, after: Path) -> bool:
+    """Whether training changed the first attention projection (every parameter is trained here)."""
+    from safetensors import safe_open
+
+    key = "model.layers.0.self_attn.q_proj.weight"
+    tensors = []
+    for folder in (before, after):
+        with safe_open(next(folder.glob("*.safetensors")), "pt") as f:
+            tensors.append(f.get_tensor(key).float())
+    return not tensors[0].equal(tensors[1])
+
+
 def _template_tokenizer(model: Path):
     tokenizer = AutoTokenizer.from_pretrained(model)
     tokenizer.chat_template = SMOLLM2_TEMPLATE
@@ -84,7 +98,8 @@ def test_dpo_on_two_zero3_workers_equals_trl_at_every_step(ray_session, shared_d
     for step, (mine, trl_log) in enumerate(zip(ours, theirs, strict=True), start=1):
         for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins"):
             assert mine[key] == pytest.approx(trl_log[key], abs=2e-4), f"step {step} {key}"
-    assert abs(ours[-1]["loss"] - ours[0]["loss"]) > 0.01  # the policy moved: equality is not of a frozen model
+    # the policy moved away from the reference: equality is not of a frozen model
+    assert ours[0]["rewards/margins"] == 0 and abs(ours[-1]["rewards/chosen"]) > 1e-3
 
 
 def test_sft_on_two_zero3_workers_equals_trl_at_every_step(ray_session, shared_data, smollm2_gguf, smollm2_model_dir,
@@ -102,4 +117,4 @@ def test_sft_on_two_zero3_workers_equals_trl_at_every_step(ray_session, shared_d
     assert len(theirs) == SFT_STEPS
     for step, (mine, trl_log) in enumerate(zip(ours, theirs, strict=True), start=1):
         assert mine["loss"] == pytest.approx(trl_log["loss"], abs=2e-4), f"step {step} loss"
-    assert abs(ours[-1]["loss"] - ours[0]["loss"]) > 0.01
+    assert _moved(smollm2_model_dir, tmp_path / "ours" / "model")  # equality is not of a frozen model

@@ -65,6 +65,9 @@ class ServeSettings(BaseModel):
     health_check_period_s: float = Field(10, gt=0, description="Serve checks each replica's engine this often")
     health_check_timeout_s: float = Field(30, gt=0, description=(
         "a check that takes longer fails; Serve replaces a replica after repeated failures"))
+    graceful_shutdown_timeout_s: float = Field(60, ge=0, description=(
+        "a replica being stopped (scaled down, replaced, redeployed) gets this long to finish the requests it has "
+        "in flight, then is killed; Serve's own default, 20 s, cuts a long streamed answer short"))
 
     min_replicas: int = Field(1, ge=0, description="replicas kept running however idle")
     max_replicas: int = Field(4, ge=1, description="replicas Serve scales up to under load")
@@ -122,6 +125,7 @@ class ServeSettings(BaseModel):
             "max_ongoing_requests": self.max_ongoing_requests,
             "health_check_period_s": self.health_check_period_s,
             "health_check_timeout_s": self.health_check_timeout_s,
+            "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
             "autoscaling_config": {
                 "min_replicas": self.min_replicas,
                 "max_replicas": self.max_replicas,
