@@ -56,6 +56,17 @@ def test_precomputed_and_resident_reference_give_the_same_loss(embedded_model_di
     assert runs["precomputed"][1]["rewards/margins"] != 0.0
 
 
+def test_deepspeed_is_imported_without_mlflow_which_stays_importable():
+    """Each training worker imports DeepSpeed, whose autotuner would import mlflow (1.3 s here) when installed."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from ray_zephyr.train.deepspeed_setup import import_deepspeed; import_deepspeed(); "
+            "print('mlflow' in sys.modules); import mlflow, deepspeed.autotuning.autotuner as a; print(a.has_mlflow)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.split()[-2:] == ["False", "False"], done.stdout + done.stderr[-2000:]
+
+
 def test_deepspeed_config_follows_the_recipe():
     recipe = load_recipe("zephyr-7b-beta-dpo", ["train.offload_optimizer=true",
                                                 "train.zero_options={reduce_bucket_size: 50000000, overlap_comm: true}"])

@@ -7,6 +7,7 @@ process with world size 1 for benchmarks), so the training step does not depend 
 from __future__ import annotations
 
 import math
+import sys
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -16,6 +17,23 @@ from ray_zephyr.config import Recipe, TrainConfig
 from ray_zephyr.errors import UserError
 from ray_zephyr.models import resolve_model_path
 from ray_zephyr.train.scoring import TokenScorer
+
+
+def import_deepspeed():
+    """`deepspeed`, imported without MLflow: DeepSpeed's autotuner imports mlflow whenever it is installed (1.3 s of
+    every training worker's start on 2 cores) only to log autotuning trials, and we never autotune. MLflow itself
+    stays importable: our tracker (`train.report_to: [mlflow]`) imports it when a recipe asks."""
+    if "deepspeed" in sys.modules:
+        return sys.modules["deepspeed"]
+    hide = "mlflow" not in sys.modules
+    if hide:
+        sys.modules["mlflow"] = None  # `import mlflow` raises ImportError, which the autotuner handles
+    try:
+        import deepspeed
+    finally:
+        if hide:
+            del sys.modules["mlflow"]
+    return deepspeed
 
 
 def grad_accumulation_steps(train: TrainConfig) -> int:
@@ -164,7 +182,7 @@ def client_optimizer(train: TrainConfig, params: list[torch.nn.Parameter]) -> to
 def build_engine(recipe: Recipe, model_path: str, total_steps: int):
     """The policy engine: model loaded (partitioned under ZeRO-3), optimizer and schedule from the recipe; with
     `model.lora`, a LoRA adapter on the frozen model, and only the adapter is optimized."""
-    import deepspeed
+    deepspeed = import_deepspeed()
 
     deepspeed.init_distributed(dist_backend="nccl" if recipe.train.use_gpu else "gloo")  # wraps torch's group
     train = recipe.train
@@ -199,7 +217,7 @@ def build_engine(recipe: Recipe, model_path: str, total_steps: int):
 def build_reference(recipe: Recipe, model_path: str, policy=None):
     """A frozen copy of the starting model as a DeepSpeed inference engine (partitioned under ZeRO-3); for a LoRA
     run, the `policy` engine with its adapter switched off."""
-    import deepspeed
+    deepspeed = import_deepspeed()
 
     if recipe.model.lora:
         return lora.AdapterOff(policy, policy.module.lm)
@@ -218,7 +236,7 @@ def save_hf_model(engine, tokenizer, dest: str, rank: int, before_last_file=None
     then published whole (`storage.publish_dir`), so a crash mid-save leaves nothing a later job would load."""
     import tempfile
 
-    import deepspeed
+    deepspeed = import_deepspeed()
 
     from ray_zephyr.storage import publish_dir
 
@@ -265,9 +283,9 @@ def init_single_process(backend: str | None = None) -> None:
     """torch.distributed with world size 1, for driving the training step without Ray (benchmarks, tests)."""
     import os
 
-    import deepspeed
     import torch.distributed as dist
 
+    deepspeed = import_deepspeed()
     if dist.is_initialized():
         return
     from ray_zephyr.runtime import free_ports
