@@ -173,9 +173,11 @@ def main(argv=None) -> None:
         from ray_zephyr.evaluation.preference_accuracy import evaluate_preferences
         from ray_zephyr.iterative import round_recipes, run_rounds
         from ray_zephyr.report import plot_curves, read_metrics
-        from ray_zephyr.runtime import init_ray
+        from ray_zephyr.runtime import VERBOSE_ENV, init_ray
 
-        # Ray started for this run, unless told to join one (RAY_ADDRESS, as `ray job submit` sets it).
+        # Ray started for this run, unless told to join one (RAY_ADDRESS, as `ray job submit` sets it); Ray's INFO
+        # logs too, since they go to zephyr.log, not to the terminal
+        os.environ.setdefault(VERBOSE_ENV, "1")
         own_ray = not os.environ.get("RAY_ADDRESS")
         init_ray(join_existing=not own_ray)
         ray.data.DataContext.get_current().enable_progress_bars = False

@@ -242,6 +242,7 @@ def main(argv: list[str] | None = None) -> dict:
     are added to the AIF or dDPO overrides (`dpo.train.lr=5e-7`)."""
     import argparse
 
+    from ray_zephyr.cli import add_verbose_flag, apply_verbose_flag
     from ray_zephyr.config import shipped_recipes
     from ray_zephyr.progress import train_with_progress
     from ray_zephyr.runtime import init_ray
@@ -251,7 +252,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help=f"iterative recipe file, or a shipped one: {', '.join(shipped_recipes(IterativeRecipe))}")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="overrides of the iterative recipe (rounds=2), or with aif./dpo. of a stage's recipe")
+    add_verbose_flag(parser)
     args = parser.parse_args(argv)
+    apply_verbose_flag(args)
     own = [o for o in args.overrides if not o.startswith(("aif.", "dpo."))]
     stage = {s: [o.removeprefix(f"{s}.") for o in args.overrides if o.startswith(f"{s}.")] for s in ("aif", "dpo")}
     recipe = load_recipe(args.config, own, IterativeRecipe)

@@ -9,8 +9,10 @@ feed them never get scheduled (a silent deadlock). Logical CPUs are a scheduling
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import sys
 from pathlib import Path
 
 import ray
@@ -20,7 +22,19 @@ import ray_zephyr
 
 LOCAL_LOGICAL_CPUS = 8
 TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+VERBOSE_ENV = "RAY_ZEPHYR_VERBOSE"  # set by a job's --verbose: Ray's own INFO logs back on
 _started_here = False
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
+
+def ray_log_level() -> str:
+    """Ray's own logs in every process of the job (Data's operator progress, Train's worker-group and result
+    lines, the placement-group cleaner's state-API retries on a local Ray without a dashboard): errors only, since
+    the jobs print their own progress; INFO with --verbose. The session's log files keep everything."""
+    return "INFO" if verbose() else "ERROR"
 
 
 def init_ray(num_cpus: int | None = None, join_existing: bool = True) -> None:
@@ -28,9 +42,13 @@ def init_ray(num_cpus: int | None = None, join_existing: bool = True) -> None:
     this machine), else start a local Ray; always a new local one when join_existing=False."""
     if ray.is_initialized():
         return
+    logs = ray.LoggingConfig(log_level=ray_log_level())
+    if not verbose():
+        logging.getLogger("ray.data").setLevel(logging.WARNING)  # the driver's operator progress lines
     if join_existing and (os.environ.get("RAY_ADDRESS") or find_bootstrap_address(None)):
         try:
-            ray.init(log_to_driver=True)
+            ray.init(log_to_driver=True, logging_config=logs)
+            _say(f"Joined the Ray cluster at {ray.get_runtime_context().gcs_address}")
             return
         except ConnectionError:  # a stale address of a head that has gone
             if os.environ.get("RAY_ADDRESS"):
@@ -42,9 +60,16 @@ def init_ray(num_cpus: int | None = None, join_existing: bool = True) -> None:
     # Workers of a local Ray inherit the environment: let them import ray_zephyr from a checkout, installed or not.
     root = str(Path(ray_zephyr.__file__).resolve().parents[1])
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=True)
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=True, logging_config=logs)
+    _say(f"Started a local Ray instance ({cpus} logical CPUs on {os.cpu_count()} cores)")
     global _started_here
     _started_here = True
+
+
+def _say(line: str) -> None:
+    """What Ray's own INFO line would have said, when its logs are off."""
+    if not verbose():
+        print(line, file=sys.stderr, flush=True)
 
 
 def fixed_size() -> bool:

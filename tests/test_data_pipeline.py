@@ -161,6 +161,7 @@ def test_fail_mode_from_the_command_line_is_one_line(tmp_path, joined_env):
         cwd=ROOT, env=joined_env, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 2
+    assert "Starting execution of Dataset" not in result.stderr  # Ray's INFO lines are off by default
     problems = [line for line in result.stderr.splitlines() if "Traceback" in line or line.startswith("error")]
     assert problems == [
         f"error: {file} row 1: bad_turn_order: chosen[1] is user, expected assistant (turns must alternate) "
@@ -240,10 +241,11 @@ def test_preview_lengths_are_after_truncation_and_supervised_never_exceeds_them(
 def test_preview_shows_counts_lengths_and_a_marked_example(joined_env):
     result = subprocess.run(
         [sys.executable, "jobs/preview.py", "--config", "tiny-dpo", "model.name_or_path=embedded",
-         "data.train.0.rows=300", "data.eval.0.rows=50"],
+         "data.train.0.rows=300", "data.eval.0.rows=50", "--verbose"],
         cwd=ROOT, env=joined_env, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
+    assert "Starting execution of Dataset" in result.stderr  # --verbose: Ray Data's own lines too
     out = result.stdout
     assert "train: read 300 rows = kept 300 + dropped 0" in out
     assert "eval: read 50 rows = kept 50 + dropped 0" in out

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -65,6 +67,25 @@ def test_deepspeed_is_imported_without_mlflow_which_stays_importable():
             "print('mlflow' in sys.modules); import mlflow, deepspeed.autotuning.autotuner as a; print(a.has_mlflow)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert done.stdout.split()[-2:] == ["False", "False"], done.stdout + done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear", "constant"])
+@pytest.mark.parametrize("warmup_ratio", [0.0, 0.1])
+def test_lr_schedule_equals_transformers_get_scheduler(kind, warmup_ratio):
+    import torch
+    from transformers import get_scheduler
+
+    from ray_zephyr.train.deepspeed_setup import scheduler_factory
+
+    recipe = load_recipe("tiny-sft", [f"train.lr_scheduler={kind}", f"train.warmup_ratio={warmup_ratio}"])
+    total = 37
+    ours = scheduler_factory(recipe.train, total)(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=3e-4))
+    name = {"constant": "constant_with_warmup"}.get(kind, kind)
+    theirs = get_scheduler(name, torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=3e-4),
+                           math.ceil(total * warmup_ratio), total)
+    for _ in range(total + 2):  # and past the end
+        assert ours.get_last_lr() == theirs.get_last_lr()
+        ours.optimizer.step(), ours.step(), theirs.optimizer.step(), theirs.step()
 
 
 def test_deepspeed_config_follows_the_recipe():

@@ -6,9 +6,13 @@ process with world size 1 for benchmarks), so the training step does not depend 
 
 from __future__ import annotations
 
+import functools
+import io
+import logging
 import math
 import sys
-from contextlib import contextmanager, nullcontext
+import warnings
+from contextlib import contextmanager, nullcontext, redirect_stdout
 
 import torch
 
@@ -18,13 +22,28 @@ from ray_zephyr.errors import UserError
 from ray_zephyr.models import resolve_model_path
 from ray_zephyr.train.scoring import TokenScorer
 
+# What DeepSpeed 0.19 says in every run that asks nothing of the user, hidden (see `import_deepspeed`): its own
+# calls of torch.distributed functions torch 2.13 renamed (a FutureWarning per collective, hundreds per run); "Setting
+# accelerator to CPU" (on CPU, what the recipe asked for); and that ZeRO-3 cannot see the tensors inside the
+# `TokenStats` our TokenScorer returns: its hooks there would gather the TokenScorer's own parameters, and it has
+# none (they all sit in the wrapped model's modules, which return tensors; gradients equal TRL's, see the tests).
+_TORCH_RENAMES = r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated"
+_DEEPSPEED_NOTES = ("Setting accelerator to CPU", "unknown inputs or outputs type (<class 'ray_zephyr.train.scoring")
+
+
+def _not_a_deepspeed_note(record: logging.LogRecord) -> bool:
+    return not any(note in record.getMessage() for note in _DEEPSPEED_NOTES)
+
 
 def import_deepspeed():
     """`deepspeed`, imported without MLflow: DeepSpeed's autotuner imports mlflow whenever it is installed (1.3 s of
     every training worker's start on 2 cores) only to log autotuning trials, and we never autotune. MLflow itself
-    stays importable: our tracker (`train.report_to: [mlflow]`) imports it when a recipe asks."""
+    stays importable: our tracker (`train.report_to: [mlflow]`) imports it when a recipe asks. DeepSpeed's
+    notes that ask nothing of the user (above) are hidden."""
     if "deepspeed" in sys.modules:
         return sys.modules["deepspeed"]
+    warnings.filterwarnings("ignore", message=_TORCH_RENAMES, category=FutureWarning)
+    logging.getLogger("DeepSpeed").addFilter(_not_a_deepspeed_note)  # a filter outlives DeepSpeed's logger setup
     hide = "mlflow" not in sys.modules
     if hide:
         sys.modules["mlflow"] = None  # `import mlflow` raises ImportError, which the autotuner handles
@@ -113,12 +132,26 @@ def warmup_steps(train: TrainConfig, total_steps: int) -> int:
     return math.ceil(total_steps * train.warmup_ratio)
 
 
-def scheduler_factory(train: TrainConfig, total_steps: int):
-    """The lr schedule (transformers' cosine/linear/constant with warmup), built by DeepSpeed on its optimizer."""
-    from transformers import get_scheduler
+def lr_factor(kind: str, step: int, warmup: int, total: int) -> float:
+    """The learning rate at `step` over its peak: a linear warmup, then transformers' cosine (half a cycle), linear
+    or constant schedule. Written out rather than taken from `transformers.get_scheduler`, whose module imports
+    peft and bitsandbytes (3 s of every training worker's start on 2 cores); tests/test_train_step.py checks it
+    equals get_scheduler at every step."""
+    if step < warmup:
+        return step / max(1, warmup)
+    if kind == "constant":
+        return 1.0
+    if kind == "linear":
+        return max(0.0, (total - step) / max(1, total - warmup))
+    progress = (step - warmup) / max(1, total - warmup)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * progress)))  # half a cycle, in transformers' order
 
-    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[train.lr_scheduler]
-    return lambda optimizer: get_scheduler(name, optimizer, warmup_steps(train, total_steps), total_steps)
+
+def scheduler_factory(train: TrainConfig, total_steps: int):
+    """The lr schedule of the recipe, built by DeepSpeed on its optimizer."""
+    warmup = warmup_steps(train, total_steps)
+    return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(
+        optimizer, functools.partial(lr_factor, train.lr_scheduler, warmup=warmup, total=total_steps))
 
 
 @contextmanager
@@ -184,7 +217,8 @@ def build_engine(recipe: Recipe, model_path: str, total_steps: int):
     `model.lora`, a LoRA adapter on the frozen model, and only the adapter is optimized."""
     deepspeed = import_deepspeed()
 
-    deepspeed.init_distributed(dist_backend="nccl" if recipe.train.use_gpu else "gloo")  # wraps torch's group
+    with redirect_stdout(io.StringIO()):  # on CPU its print "deepspeed_shm_comm_op built successfully"
+        deepspeed.init_distributed(dist_backend="nccl" if recipe.train.use_gpu else "gloo")  # wraps torch's group
     train = recipe.train
     config = deepspeed_config(train, hidden_size=hidden_size(model_path))
     zero3 = config["zero_optimization"]["stage"] == 3

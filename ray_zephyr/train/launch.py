@@ -156,9 +156,16 @@ def run_training(recipe: Recipe, on_start: Callable[[int], None] | None = None) 
 
     `on_start(total_steps)` is called when the data is ready and training starts (e.g. to size a progress bar;
     the rank-0 worker appends each finished step to <output_dir>/samples/rank0.jsonl)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import (
+        CheckpointConfig,
+        FailureConfig,
+        LoggingConfig,
+        RunConfig,
+        ScalingConfig,
+    )
     from ray.train.torch import TorchTrainer
 
+    from ray_zephyr.runtime import ray_log_level
     from ray_zephyr.train.loop import train_loop
 
     preflight(recipe)
@@ -187,7 +194,7 @@ def run_training(recipe: Recipe, on_start: Callable[[int], None] | None = None) 
         recipe=recipe, model_path=model_path, reference_path=reference_path, tokenizer=tokenizer, output_dir=output, layout=layout,
         total_steps=total_steps, fingerprint=fingerprint, train_rows=storage.join(output, "data", "train"),
         eval_rows=storage.join(output, "data", "eval") if counts["eval"] else None, eval_size=counts["eval"],
-        tracker_env=tracking.tracker_env(train.report_to), fault=faults.planned(),
+        tracker_env=tracking.tracker_env(train.report_to), fault=faults.planned(), ray_log_level=ray_log_level(),
     )
     trainer = TorchTrainer(
         train_loop,
@@ -201,6 +208,7 @@ def run_training(recipe: Recipe, on_start: Callable[[int], None] | None = None) 
             storage_path=storage_path(recipe),
             failure_config=FailureConfig(max_failures=train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            logging_config=LoggingConfig(log_level=ray_log_level()),
         ),
     )
     if on_start:

@@ -14,11 +14,13 @@ trains on at each step is `rows.Layout`'s business; what a checkpoint holds is `
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import uuid
 
 import ray.train
+import transformers
 
 from ray_zephyr import storage
 from ray_zephyr.models import resolve_model_path
@@ -41,6 +43,11 @@ from ray_zephyr.train.step import collated, eval_metrics, train_step
 def train_loop(config: dict) -> None:
     """Ray Train's train_loop_per_worker; `config` is `{"plan": WorkerPlan}` from `launch.run_training`."""
     plan: WorkerPlan = config["plan"]
+    if plan.ray_log_level != "INFO":  # quiet: Ray Train's worker lines off, and INFO lines of any library (Ray
+        # Train logs "Reporting training result" per rank through a logger named by its file, under the root logger)
+        logging.getLogger("ray.train").setLevel(plan.ray_log_level)
+        logging.getLogger().setLevel(logging.WARNING)
+        transformers.utils.logging.disable_progress_bar()  # "Writing model shards" at each save
     recipe, layout, total_steps = plan.recipe, plan.layout, plan.total_steps
     train, output_dir = recipe.train, plan.output_dir
     context = ray.train.get_context()

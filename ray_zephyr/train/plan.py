@@ -29,4 +29,5 @@ class WorkerPlan:
     eval_rows: str | None  # the eval row file's folder; None without an eval split
     eval_size: int  # rows in the eval row file
     tracker_env: dict = field(default_factory=dict)  # the driver's tracker settings (`tracking.tracker_env`)
+    ray_log_level: str = "INFO"  # of Ray Train's own lines in the worker (`runtime.ray_log_level`)
     fault: Fault | None = None  # tests only (`faults`): where to make a worker die once
