@@ -12,7 +12,9 @@ def main() -> None:
     from ray_zephyr.data.preview import preview
     from ray_zephyr.models import load_tokenizer
     from ray_zephyr.runtime import init_ray
+    from ray_zephyr.train.launch import check_inputs
 
+    check_inputs(recipe)  # before Ray starts, as the training jobs do
     tokenizer = load_tokenizer(recipe)
     init_ray()
     print(preview(recipe, tokenizer, args.rows))

@@ -197,6 +197,17 @@ def test_file_level_problems_are_clear_errors_before_any_work(tmp_path, shared_d
         source_chunks(r.data.train[0], "sft", 0)
 
 
+def test_a_missing_data_file_is_one_line_before_ray_starts(tmp_path):
+    missing = tmp_path / "missing.jsonl"
+    for job in ("jobs/preview.py", "jobs/sft.py"):
+        done = subprocess.run([sys.executable, job, "--config", "tiny-sft", f"data.train=[{{path: {missing}}}]",
+                               f"train.output_dir={tmp_path / 'out'}"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode != 0 and "Started a local Ray instance" not in done.stderr, done.stderr[-2000:]
+        assert done.stderr.strip().splitlines()[-1] == (f"error: data source '{missing}': no such file or folder "
+                                                        "(and not a hub dataset id 'owner/name')"), job
+
+
 def test_hub_source_offline_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     r = recipe("sft", "data.train=[{path: HuggingFaceH4/ultrachat_200k, split: train_sft}]")

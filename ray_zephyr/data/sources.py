@@ -100,22 +100,11 @@ def resolve_source(source: SourceConfig, stage: str, seed: int, position: int = 
     """Resolve a recipe source (the `position`-th of its list): files, formats, row counts and chunks.
 
     `stage`: sft or dpo (rows in one of the stage's formats), or prompts (rows as they are)."""
-    endpoint = ""
     if source.format != "auto" and stage in FORMATS:
         check_format(source.format, stage, f"data source {source.path!r}")
     if source.path == "embedded":
         return _embedded(source, stage, seed, position)
-    local = Path(source.path).expanduser().absolute()  # Ray workers do not share the driver's working directory
-    if local.exists():
-        if source.revision is not None:
-            raise UserError(f"data source {source.path!r}: revision is only for hub datasets, this is a local path")
-        root = local if local.is_dir() else local.parent
-        files = [(f, Path(f).relative_to(root).as_posix()) for f in _local_files(local, source)]
-    elif "/" in source.path and not source.path.startswith((".", "/", "~")):
-        endpoint = _hub_endpoint()
-        files = _hub_files(source.path, source.split, source.revision, endpoint)
-    else:
-        raise UserError(f"data source {source.path!r}: no such file or folder (and not a hub dataset id 'owner/name')")
+    files, endpoint = source_files(source)
     resolved = ResolvedSource([], {})
     for path, inner in files:
         key = f"{position}:{inner}"
@@ -123,6 +112,22 @@ def resolve_source(source: SourceConfig, stage: str, seed: int, position: int = 
         resolved.chunks += chunks
         resolved.rows[key] = rows
     return resolved
+
+
+def source_files(source: SourceConfig) -> tuple[list[tuple[str, str]], str]:
+    """The (file, name inside the source) pairs of a file, folder or hub source, and the hub endpoint ('' for local
+    files); a source that does not exist, or holds no readable file, is a one-line error. Cheap (nothing is read),
+    so jobs call it before Ray starts."""
+    local = Path(source.path).expanduser().absolute()  # Ray workers do not share the driver's working directory
+    if local.exists():
+        if source.revision is not None:
+            raise UserError(f"data source {source.path!r}: revision is only for hub datasets, this is a local path")
+        root = local if local.is_dir() else local.parent
+        return [(f, Path(f).relative_to(root).as_posix()) for f in _local_files(local, source)], ""
+    if "/" in source.path and not source.path.startswith((".", "/", "~")):
+        endpoint = _hub_endpoint()
+        return _hub_files(source.path, source.split, source.revision, endpoint), endpoint
+    raise UserError(f"data source {source.path!r}: no such file or folder (and not a hub dataset id 'owner/name')")
 
 
 def _embedded(source: SourceConfig, stage: str, seed: int, position: int) -> ResolvedSource:

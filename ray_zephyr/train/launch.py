@@ -101,16 +101,22 @@ def check_shared_output(recipe: Recipe) -> None:
                     "folder every node mounts with train.shared_filesystem=true")
 
 
-def check_models(recipe: Recipe) -> None:
-    """The model (and a DPO reference model) exist and are readable: checked before Ray starts, too."""
+def check_inputs(recipe: Recipe) -> None:
+    """The model (and a DPO reference model) and the data sources exist and are readable: checked before Ray
+    starts, too (nothing is read but file headers and folder listings)."""
+    from ray_zephyr.data.sources import source_files
+
     check_model_source(recipe.model.name_or_path, "model.name_or_path")
     if recipe.dpo.reference_model:
         check_model_source(recipe.dpo.reference_model, "dpo.reference_model")
+    for source in [*recipe.data.train, *recipe.data.eval]:
+        if source.path != "embedded":
+            source_files(source)
 
 
 def preflight(recipe: Recipe) -> None:
     """Fail fast, with one line, before any compute is spent."""
-    check_models(recipe)
+    check_inputs(recipe)
     grad_accumulation_steps(recipe.train)
     tracking.check_installed(recipe.train.report_to)
     check_storage(recipe)
@@ -240,7 +246,7 @@ def main(stage: str, argv: list[str] | None = None) -> TrainResult:
     recipe, _ = parse_recipe_args(f"Zephyr d{stage.upper()} on Ray Train + DeepSpeed", argv)
     if recipe.stage != stage:
         raise UserError(f"this is a {recipe.stage} recipe; run it with jobs/{recipe.stage}.py")
-    check_models(recipe)  # a missing or broken model is one line, without the seconds a Ray start takes
+    check_inputs(recipe)  # a missing model or data file is one line, without the seconds a Ray start takes
     init_ray()
     result = train_with_progress(recipe, f"d{stage.upper()}")
     print(summary(result), flush=True)
