@@ -62,7 +62,7 @@ def base_url(ray_session, vllm_model_dir):
         vllm_engine_args={"kv_cache_memory_bytes": 256 << 20, "max_model_len": 2048, **ENGINE_ARGS},
         min_replicas=2, max_replicas=2, target_ongoing_requests=16, max_ongoing_requests=32,
         default_max_tokens=DEFAULT_MAX_TOKENS, max_request_bytes=MAX_REQUEST_BYTES,
-        health_check_period_s=2, health_check_timeout_s=30,
+        health_check_period_s=2, health_check_timeout_s=30, graceful_shutdown_timeout_s=5,
     )
     yield from serve_on_loopback(settings)
 
