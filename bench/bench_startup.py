@@ -25,7 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = {"sft": 45.0, "preview": 20.0, "missing": 3.0}  # seconds (issue 29, item 8)
 
-# TRL's side: the embedded model and the same generated chats as tiny-sft's embedded source, 16 per step
+# TRL's side: the embedded model and the same generated chats as tiny-sft's embedded source, 16 per step (warmup:
+# tiny-sft's 0.1 of 5 steps, rounded up, is 1 step)
 TRL_SFT = """
 import tempfile
 from datasets import Dataset
@@ -37,7 +38,7 @@ folder = resolve_model_path("embedded")
 rows = Dataset.from_list([{"messages": chat_row(42, "train", i)["messages"]} for i in range(2000)])
 out = tempfile.mkdtemp()
 args = trl.SFTConfig(output_dir=out, per_device_train_batch_size=16, max_steps=5, learning_rate=3e-3, max_length=128,
-                     lr_scheduler_type="cosine", warmup_ratio=0.1, assistant_only_loss=True, logging_steps=5,
+                     lr_scheduler_type="cosine", warmup_steps=1, assistant_only_loss=True, logging_steps=5,
                      report_to=[], use_cpu=True, save_strategy="no", dataset_num_proc=None)
 trainer = trl.SFTTrainer(model=AutoModelForCausalLM.from_pretrained(folder), args=args, train_dataset=rows,
                          processing_class=AutoTokenizer.from_pretrained(folder))

@@ -8,10 +8,12 @@ same mask TRL's SFTTrainer uses for assistant-only loss.
 from __future__ import annotations
 
 import re
-
-from transformers import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING
 
 from ray_zephyr.errors import UserError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 ZEPHYR_TEMPLATE = (
     "{%- for message in messages %}"

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from typing import TYPE_CHECKING
 
 from ray_zephyr import gguf, storage
 from ray_zephyr.chat_template import check_trainable_template, set_chat_template
 from ray_zephyr.config import Recipe
 from ray_zephyr.embedded import MODEL_VERSION, save_embedded_model
 from ray_zephyr.errors import UserError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")  # owner/name, or a bare legacy name (gpt2)
 
@@ -69,6 +71,10 @@ def _token_hint(exc: BaseException) -> str:
 
 def load_tokenizer(recipe: Recipe) -> PreTrainedTokenizerBase:
     """The model's tokenizer with the recipe's chat template; a pad token if it has none."""
+    from transformers import (
+        AutoTokenizer,  # here: checking a model source needs no transformers (jobs check first)
+    )
+
     source = recipe.model.tokenizer or recipe.model.name_or_path
     name = resolve_model_path(source, "model.tokenizer" if recipe.model.tokenizer else "model.name_or_path")
     try:

@@ -9,6 +9,7 @@ feed them never get scheduled (a silent deadlock). Logical CPUs are a scheduling
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import socket
@@ -44,6 +45,7 @@ def init_ray(num_cpus: int | None = None, join_existing: bool = True) -> None:
         return
     logs = ray.LoggingConfig(log_level=ray_log_level())
     if not verbose():
+        importlib.import_module("ray.data")  # which configures its logger (INFO), turned down here
         logging.getLogger("ray.data").setLevel(logging.WARNING)  # the driver's operator progress lines
     if join_existing and (os.environ.get("RAY_ADDRESS") or find_bootstrap_address(None)):
         try:

@@ -21,11 +21,6 @@ from ray_zephyr import storage, tracking
 from ray_zephyr.config import Recipe
 from ray_zephyr.errors import UserError
 from ray_zephyr.models import check_model_source, load_tokenizer, resolve_model_path
-from ray_zephyr.train import checkpoint, faults
-from ray_zephyr.train.deepspeed_setup import grad_accumulation_steps
-from ray_zephyr.train.plan import WorkerPlan
-from ray_zephyr.train.rows import Layout, eval_layout, write_rows
-from ray_zephyr.train.run_files import SUMMARY
 
 
 @dataclass
@@ -116,6 +111,8 @@ def check_inputs(recipe: Recipe) -> None:
 
 def preflight(recipe: Recipe) -> None:
     """Fail fast, with one line, before any compute is spent."""
+    from ray_zephyr.train.deepspeed_setup import grad_accumulation_steps
+
     check_inputs(recipe)
     grad_accumulation_steps(recipe.train)
     tracking.check_installed(recipe.train.report_to)
@@ -129,6 +126,7 @@ def write_row_files(recipe: Recipe, tokenizer, reference_path: str) -> tuple[dic
     split to <output_dir>/data/<split> (see `rows`); returns the row counts and the data report."""
     from ray_zephyr.data.pipeline import build_datasets
     from ray_zephyr.prefetch import iter_with_stall_timeout
+    from ray_zephyr.train.rows import write_rows
 
     prepared = build_datasets(recipe, tokenizer)
     datasets = {"train": prepared.train, "eval": prepared.eval}
@@ -172,7 +170,12 @@ def run_training(recipe: Recipe, on_start: Callable[[int], None] | None = None) 
     from ray.train.torch import TorchTrainer
 
     from ray_zephyr.runtime import ray_log_level
+    from ray_zephyr.train import checkpoint, faults
+    from ray_zephyr.train.deepspeed_setup import grad_accumulation_steps
     from ray_zephyr.train.loop import train_loop
+    from ray_zephyr.train.plan import WorkerPlan
+    from ray_zephyr.train.rows import Layout, eval_layout
+    from ray_zephyr.train.run_files import SUMMARY
 
     preflight(recipe)
     train, output = recipe.train, output_dir(recipe)
