@@ -25,8 +25,8 @@ def last_record(path: str, **match) -> dict:
 
 
 def train_with_progress(recipe, label: str, stream: TextIO | None = None):
-    """`run_training(recipe)`, its optimizer steps shown on `stream` (default stderr) with the last loss, the rate
-    and the time left."""
+    """`run_training(recipe)`, its optimizer steps shown on `stream` (default stderr) with the last logged loss, lr
+    and tokens/s, the rate and the time left."""
     from ray_zephyr.train.launch import run_training
 
     output = recipe.train.output_dir
@@ -37,7 +37,7 @@ def train_with_progress(recipe, label: str, stream: TextIO | None = None):
     def look() -> None:
         step = last_record(storage.join(output, "samples", "rank0.jsonl")).get("step")
         if step:
-            show.update(step, last_record(storage.join(output, "metrics.jsonl"), split="train").get("loss"))
+            show.update(step, train_stats(last_record(storage.join(output, "metrics.jsonl"), split="train")))
 
     def follow() -> None:
         while not done.wait(min(poll, show.every)):
@@ -57,9 +57,15 @@ def train_with_progress(recipe, label: str, stream: TextIO | None = None):
         show.close()
 
 
+def train_stats(record: dict) -> dict[str, str]:
+    """What the progress shows of a logged train step: its loss, learning rate and tokens/s."""
+    formats = {"loss": "{:.4f}", "lr": "{:.2e}", "tokens/s": "{:.0f}"}
+    return {name: form.format(record[name]) for name, form in formats.items() if record.get(name) is not None}
+
+
 def progress(label: str, unit: str, stream: TextIO | None = None) -> _Bar | _Lines:
     """A bar on a terminal, else plain lines every RAY_ZEPHYR_PROGRESS_EVERY_S seconds: `start(total)`, then
-    `update(done, loss)`, then `close()`."""
+    `update(done, stats)`, then `close()`."""
     stream = stream or sys.stderr
     if stream.isatty():
         return _Bar(label, unit, stream)
@@ -96,10 +102,10 @@ class _Bar:
     def start(self, total: int) -> None:
         self.bar.reset(total=total)
 
-    def update(self, step: int, loss: float | None = None) -> None:
+    def update(self, step: int, stats: dict[str, str] | None = None) -> None:
         self.bar.set_description(self.label, refresh=False)
-        if loss is not None:
-            self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+        if stats:
+            self.bar.set_postfix(stats, refresh=False)
         self.bar.update(step - self.bar.n)
 
     def close(self) -> None:
@@ -107,18 +113,19 @@ class _Bar:
 
 
 class _Lines:
-    """`<label>: step 12/40 (30%), loss 1.234, 0.80 steps/s, 35 s left`, at most every `every` seconds and at the end."""
+    """`<label>: step 12/40 (30%), loss 1.2340, lr 3.00e-03, tokens/s 2853, 0.80 steps/s, 35 s left`, at most every
+    `every` seconds and at the end."""
 
     def __init__(self, label: str, unit: str, stream: TextIO, every: float):
         self.label, self.unit, self.stream, self.every = label, unit, stream, every
-        self.total, self.started, self.last_shown, self.shown_step, self.state = None, None, 0.0, 0, (0, None)
+        self.total, self.started, self.last_shown, self.shown_step, self.state = None, None, 0.0, 0, (0, {})
 
     def start(self, total: int) -> None:
         self.total, self.started = total, time.monotonic()
         self._print(f"{self.label}: {total} {self.unit}s")
 
-    def update(self, step: int, loss: float | None = None) -> None:
-        self.state = step, loss
+    def update(self, step: int, stats: dict[str, str] | None = None) -> None:
+        self.state = step, stats or {}
         if time.monotonic() - self.last_shown >= self.every:
             self._show()
 
@@ -127,13 +134,12 @@ class _Lines:
             self._show()
 
     def _show(self) -> None:
-        step, loss = self.state
+        step, stats = self.state
         elapsed = time.monotonic() - (self.started or time.monotonic())
         rate = step / elapsed if elapsed > 0 else 0.0
         parts = [f"{self.label}: {self.unit} {step}/{self.total} ({100 * step / self.total:.0f}%)" if self.total
                  else f"{self.label}: {self.unit} {step}"]
-        if loss is not None:
-            parts.append(f"loss {loss:.4f}")
+        parts += [f"{name} {value}" for name, value in stats.items()]
         if rate > 0:
             parts.append(f"{rate:.2f} {self.unit}s/s")
             if self.total:

@@ -158,6 +158,7 @@ def test_sft_then_dpo_from_its_uri_succeed_with_outputs_on_s3(jobs, s3_env):
         progress = [line for line in job["output"].splitlines() if line.startswith(f"d{name.upper()}: ")]
         assert progress[0] == f"d{name.upper()}: 12 steps" and progress[-1].startswith(
             f"d{name.upper()}: step 12/12 (100%), loss "), progress
+        assert ", lr " in progress[-1] and ", tokens/s " in progress[-1], progress[-1]
         assert name == "dpo" or len(progress) > 3, progress
         # quiet by default: Ray's INFO lines, Train's per-rank result lines, DeepSpeed's notes, save progress bars
         for noise in ("Reporting training result", "Started training worker group", "Starting execution of Dataset",
