@@ -32,9 +32,10 @@ def verbose() -> bool:
 
 
 def ray_log_level() -> str:
-    """Ray's own logs in every process of the job (Data's operator progress, Train's worker-group and result
-    lines, the placement-group cleaner's state-API retries on a local Ray without a dashboard): errors only, since
-    the jobs print their own progress; INFO with --verbose. The session's log files keep everything."""
+    """Ray's own logs in every process of the job (Data's operator progress, Train's per-rank result lines, the
+    placement-group cleaner's state-API retries on a local Ray without a dashboard): errors only, since the jobs
+    print their own progress; INFO with --verbose. Ray Train's controller keeps its INFO lines (where the workers
+    run; each failure, with its traceback, and whether the run restarts). The session's log files keep everything."""
     return "INFO" if verbose() else "ERROR"
 
 

@@ -161,7 +161,8 @@ def test_sft_then_dpo_from_its_uri_succeed_with_outputs_on_s3(jobs, s3_env):
         assert ", lr " in progress[-1] and ", tokens/s " in progress[-1], progress[-1]
         assert name == "dpo" or len(progress) > 3, progress
         # quiet by default: Ray's INFO lines, Train's per-rank result lines, DeepSpeed's notes, save progress bars
-        for noise in ("Reporting training result", "Started training worker group", "Starting execution of Dataset",
+        # (Train's controller keeps its few lines: where the workers run, and each failure and what it decided)
+        for noise in ("Reporting training result", "Starting execution of Dataset",
                       "shm_comm_op built successfully", "Writing model shards", "FutureWarning",
                       "unknown inputs or outputs type", "Setting accelerator to CPU"):
             assert noise not in job["output"], noise

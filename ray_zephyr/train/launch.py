@@ -160,13 +160,7 @@ def run_training(recipe: Recipe, on_start: Callable[[int], None] | None = None) 
 
     `on_start(total_steps)` is called when the data is ready and training starts (e.g. to size a progress bar;
     the rank-0 worker appends each finished step to <output_dir>/samples/rank0.jsonl)."""
-    from ray.train import (
-        CheckpointConfig,
-        FailureConfig,
-        LoggingConfig,
-        RunConfig,
-        ScalingConfig,
-    )
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from ray_zephyr.runtime import ray_log_level
@@ -217,7 +211,6 @@ def run_training(recipe: Recipe, on_start: Callable[[int], None] | None = None) 
             storage_path=storage_path(recipe),
             failure_config=FailureConfig(max_failures=train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            logging_config=LoggingConfig(log_level=ray_log_level()),
         ),
     )
     if on_start:
