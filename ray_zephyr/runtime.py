@@ -44,7 +44,9 @@ def init_ray(num_cpus: int | None = None, join_existing: bool = True) -> None:
     this machine), else start a local Ray; always a new local one when join_existing=False."""
     if ray.is_initialized():
         return
-    logs = ray.LoggingConfig(log_level=ray_log_level())
+    # verbose: Ray's own logging as it comes (a logging config, even at INFO, drops the "(actor pid=...)" prefix of
+    # the lines workers print)
+    logs = None if verbose() else ray.LoggingConfig(log_level=ray_log_level())
     if not verbose():
         importlib.import_module("ray.data")  # which configures its logger (INFO), turned down here
         logging.getLogger("ray.data").setLevel(logging.WARNING)  # the driver's operator progress lines

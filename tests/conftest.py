@@ -11,18 +11,15 @@ from ray_zephyr.runtime import free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
-METRICS_INTERVAL_S = 2
 
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """A local Ray sized by ray_zephyr.runtime (8 logical CPUs) so Data, Train and Serve don't starve. Its processes
-    export metrics every 2 s instead of Ray's 10 (METRICS_INTERVAL_S): the serving-metrics test waits for exports."""
+    """A local Ray sized by ray_zephyr.runtime (8 logical CPUs) so Data, Train and Serve don't starve."""
     import ray
 
     from ray_zephyr.runtime import init_ray
 
-    os.environ.setdefault("RAY_metrics_report_interval_ms", str(int(METRICS_INTERVAL_S * 1000)))
     init_ray(join_existing=False)
     yield ray
     ray.shutdown()
