@@ -57,7 +57,7 @@ class SourceConfig(StrictSection):
     rows: int | None = Field(None, description="embedded only: how many rows to generate")
     revision: str | None = Field(None, description=(
         "hub only: a commit, tag or branch to pin the dataset to (as model.revision)"))
-    format: Literal["auto", "messages", "text", "prompt_completion", "preference", "sharegpt", "alpaca"] = Field("auto", description=(
+    format: Literal["auto", "messages", "text", "prompt_completion", "preference", "sharegpt", "alpaca", "unpaired"] = Field("auto", description=(
         "the rows' shape; auto: found from the first row's fields (docs/data.md lists each)"))
     columns: dict[str, str] = Field({}, description=(
         "the format's field name -> the field's name in these files, e.g. {prompt: question}"))
@@ -214,8 +214,10 @@ class TrainConfig(StrictSection):
         "worker-group restarts Ray Train makes from the last checkpoint before the run fails"))
 
 
-DPOLoss = Literal["sigmoid", "ipo", "hinge", "apo_zero", "apo_down", "simpo", "orpo"]
+DPOLoss = Literal["sigmoid", "ipo", "hinge", "apo_zero", "apo_down", "simpo", "orpo", "kto", "apo_zero_unpaired"]
 REFERENCE_FREE = ("simpo", "orpo")  # objectives of their own (TRL's CPO/SimPO and ORPO trainers): no reference model
+UNPAIRED = ("kto", "apo_zero_unpaired")  # TRL's KTOTrainer: unpaired rows (prompt, completion, label)
+OF_THEIR_OWN = REFERENCE_FREE + UNPAIRED  # objectives that do not mix with other loss types
 
 
 class DPOConfig(StrictSection):
@@ -225,14 +227,20 @@ class DPOConfig(StrictSection):
     loss_type: DPOLoss | list[DPOLoss] = Field("sigmoid", description=(
         "sigmoid (DPO), ipo, hinge, apo_zero, apo_down, as TRL's DPOTrainer computes them, or a list of them mixed "
         "by loss_weights; simpo (TRL's CPOTrainer, loss_type simpo, cpo_alpha 0) or orpo (TRL's ORPOTrainer): "
-        "reference-free, no reference pass"))
+        "reference-free, no reference pass; kto or apo_zero_unpaired (TRL's KTOTrainer): unpaired rows (prompt, "
+        "completion, label; pairs are split into a desirable and an undesirable row), a resident reference"))
     loss_weights: list[float] | None = Field(None, description=(
         "one weight per loss_type entry (TRL's loss_weights); none: 1 each"))
     simpo_gamma: float = Field(0.5, ge=0, description="SimPO's target reward margin (TRL's simpo_gamma)")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="conservative DPO (sigmoid and simpo only)")
+    desirable_weight: float = Field(1.0, gt=0, description=(
+        "KTO's weight of the desirable rows' losses (TRL's desirable_weight; with unbalanced data, the KTO paper's "
+        "eq. 8 bounds it)"))
+    undesirable_weight: float = Field(1.0, gt=0, description="KTO's weight of the undesirable rows' losses")
     reference: Literal["precomputed", "resident"] = Field("precomputed", description=(
         "precomputed: the reference log-probs computed once before training, into the row file; resident: a frozen "
-        "reference model beside the policy on every worker; simpo and orpo use none (the job says so)"))
+        "reference model beside the policy on every worker (kto's, always: unset, it is chosen); simpo and orpo use "
+        "none (the job says so)"))
     reference_model: str | None = Field(None, description=(
         "the reference model, as model.name_or_path takes it; none: the starting model (iterative DPO's reference=sft "
         "keeps the dSFT model here while each round starts from the last)"))
@@ -249,6 +257,22 @@ class DPOConfig(StrictSection):
     def uses_reference(self) -> bool:
         return self.losses[0][0] not in REFERENCE_FREE
 
+    @property
+    def unpaired(self) -> bool:
+        """KTO's objectives, trained on unpaired rows (`data.formats`: the `kto` formats)."""
+        return self.losses[0][0] in UNPAIRED
+
+    @model_validator(mode="before")
+    @classmethod
+    def _kto_reference(cls, values):
+        """KTO's reference log-probs are computed during training: unset, `reference` is resident for it."""
+        if isinstance(values, dict) and "reference" not in values:
+            types = values.get("loss_type")
+            first = types[0] if isinstance(types, list) and types else types
+            if first in UNPAIRED:
+                values = {**values, "reference": "resident"}
+        return values
+
     @model_validator(mode="after")
     def _check(self) -> DPOConfig:
         types = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
@@ -256,10 +280,20 @@ class DPOConfig(StrictSection):
             raise ValueError("loss_type is an empty list: name at least one loss")
         if self.loss_weights is not None and len(self.loss_weights) != len(types):
             raise ValueError(f"loss_weights has {len(self.loss_weights)} weights for {len(types)} loss types")
+        own = [t for t in types if t in OF_THEIR_OWN]
+        if own and len(types) > 1:
+            raise ValueError(f"loss_type {own[0]} is an objective of its own and does not mix with other loss types; "
+                             f"give it alone")
         free = [t for t in types if t in REFERENCE_FREE]
-        if free and len(types) > 1:
-            raise ValueError(f"loss_type {free[0]} is an objective of its own (no reference model) and does not mix "
-                             f"with other loss types; give it alone")
+        kto_keys = sorted({"desirable_weight", "undesirable_weight"} & self.model_fields_set)
+        if kto_keys and types[0] not in UNPAIRED:
+            raise ValueError(f"{kto_keys[0]} is KTO's; loss_type is {', '.join(types)}")
+        if types[0] in UNPAIRED and self.reference == "precomputed":
+            raise ValueError(f"loss_type {types[0]} computes its reference log-probs during training (its KL term "
+                             f"pairs each prompt with another completion of the same micro-batch, known only then): "
+                             f"set dpo.reference=resident")
+        if types[0] in UNPAIRED and self.rpo_alpha:
+            raise ValueError(f"rpo_alpha adds an NLL term to paired objectives; loss_type is {types[0]}")
         if self.label_smoothing and types not in (["sigmoid"], ["simpo"]):
             raise ValueError(f"label_smoothing applies to sigmoid and simpo only, not to {', '.join(types)}")
         if "simpo_gamma" in self.model_fields_set and types != ["simpo"]:
@@ -283,6 +317,11 @@ class Recipe(StrictSection):
     train: TrainConfig = Field(description="how training runs")
     dpo: DPOConfig = Field(DPOConfig(), description="the DPO objective (dpo stage only)")
 
+    @property
+    def data_kind(self) -> str:
+        """The rows this recipe trains on: sft (chats), dpo (pairs) or kto (unpaired rows, KTO's objectives)."""
+        return "kto" if self.stage == "dpo" and self.dpo.unpaired else self.stage
+
     @model_validator(mode="after")
     def _check(self) -> Recipe:
         if self.model.load_in_4bit and self.train.zero_stage == 3:
@@ -294,6 +333,13 @@ class Recipe(StrictSection):
                              f"kernel keeps the packed rows apart); with {self.model.attn_implementation}, transformers "
                              "builds a tokens x tokens mask of each packed micro-batch (16k tokens: 16k x 16k per "
                              "layer) and runs out of memory. Or use train.group_by_length=true instead")
+        if self.data_kind == "kto" and self.dpo.losses[0][0] == "kto":
+            if self.train.per_device_batch_size < 2:
+                raise ValueError("loss_type kto needs train.per_device_batch_size >= 2: its KL term pairs each prompt "
+                                 "with another completion of the same micro-batch (TRL's KTOTrainer asks the same)")
+            if self.train.micro_batch_tokens:
+                raise ValueError("loss_type kto pairs the rows of each micro-batch for its KL term: a token budget "
+                                 "(train.micro_batch_tokens) can leave a row alone in one; remove it")
         if self.dpo.reference_model and self.model.lora:
             raise ValueError("dpo.reference_model with model.lora: a LoRA run's reference is its base model with the "
                              "adapter off; train without lora to use another reference")

@@ -60,8 +60,8 @@ def test_overrides_are_typed_and_reach_nested_lists():
         ("nope=1", "unknown key 'nope'; valid keys: stage, seed, model, data, train, dpo"),
         ("train.lr=fast", "train.lr: expected number, got 'fast' (str)"),
         ("train.num_workers=2.5", "train.num_workers: expected integer, got 2.5 (float)"),
-        ("dpo.loss_type=kto", "dpo.loss_type: must be 'sigmoid', 'ipo', 'hinge', 'apo_zero', 'apo_down', 'simpo' or "
-                              "'orpo', got 'kto'"),
+        ("dpo.loss_type=dpop", "dpo.loss_type: must be 'sigmoid', 'ipo', 'hinge', 'apo_zero', 'apo_down', 'simpo', "
+                               "'orpo', 'kto' or 'apo_zero_unpaired', got 'dpop'"),
         ("data.on_bad_row=ignore", "data.on_bad_row: must be 'fail' or 'skip', got 'ignore'"),
         ("data.train.0.weight=1.5", "weight must be in (0, 1], got 1.5"),
         ("train.lr", "override 'train.lr' is not key=value"),
@@ -79,8 +79,15 @@ def test_bad_recipes_give_one_line_errors(override, message):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["dpo.loss_type=[simpo, sigmoid]"], "loss_type simpo is an objective of its own (no reference model) and does "
-                                             "not mix with other loss types"),
+        (["dpo.loss_type=[simpo, sigmoid]"], "loss_type simpo is an objective of its own and does not mix with other "
+                                             "loss types"),
+        (["dpo.loss_type=[kto, sigmoid]"], "loss_type kto is an objective of its own"),
+        (["dpo.loss_type=kto", "dpo.reference=precomputed"], "loss_type kto computes its reference log-probs during "
+                                                               "training"),
+        (["dpo.desirable_weight=2.0"], "desirable_weight is KTO's; loss_type is sigmoid"),
+        (["dpo.loss_type=kto", "dpo.rpo_alpha=1"], "rpo_alpha adds an NLL term to paired objectives; loss_type is kto"),
+        (["dpo.loss_type=kto", "train.per_device_batch_size=1"], "loss_type kto needs train.per_device_batch_size >= 2"),
+        (["dpo.loss_type=kto", "train.micro_batch_tokens=512"], "a token budget (train.micro_batch_tokens) can leave"),
         (["dpo.loss_type=[sigmoid, apo_zero]", "dpo.loss_weights=[1.0]"], "loss_weights has 1 weights for 2 loss types"),
         (["dpo.loss_type=ipo", "dpo.label_smoothing=0.1"], "label_smoothing applies to sigmoid and simpo only, not to ipo"),
         (["dpo.simpo_gamma=1.0"], "simpo_gamma is SimPO's margin; loss_type is sigmoid"),
@@ -95,6 +102,8 @@ def test_preference_objective_keys_are_checked_in_one_line(overrides, message):
     recipe = load_recipe("tiny-dpo", ["dpo.loss_type=[sigmoid, apo_zero]", "dpo.loss_weights=[0.8, 0.2]"])
     assert recipe.dpo.losses == [("sigmoid", 0.8), ("apo_zero", 0.2)] and recipe.dpo.uses_reference
     assert not load_recipe("tiny-dpo", ["dpo.loss_type=simpo"]).dpo.uses_reference
+    kto = load_recipe("tiny-dpo", ["dpo.loss_type=apo_zero_unpaired", "dpo.rpo_alpha=0", "train.per_device_batch_size=1"])
+    assert kto.data_kind == "kto" and kto.dpo.reference == "resident"  # unpaired APO-zero has no KL term: any batch
 
 
 def test_unknown_recipe_lists_the_shipped_ones():

@@ -8,9 +8,9 @@ import json
 import pytest
 
 from ray_zephyr.config import load_recipe
-from ray_zephyr.data.formats import FORMATS, detect_format, to_example
+from ray_zephyr.data.formats import FORMATS, detect_format, to_examples
 from ray_zephyr.data.pipeline import build_datasets
-from ray_zephyr.data.tokenize import tokenize_preference
+from ray_zephyr.data.tokenize import tokenize_preference, tokenize_unpaired
 from ray_zephyr.data.validate import Invalid
 from ray_zephyr.errors import UserError
 from ray_zephyr.models import load_tokenizer
@@ -45,13 +45,23 @@ GOOD = [  # (stage, row, expected example)
      {"prompt": [USER], "chosen": [ASSISTANT], "rejected": [{"role": "assistant", "content": "Bye."}]}),
     ("dpo", {"instruction": "Hi?", "input": "", "chosen": "Hello.", "rejected": "Bye."},
      {"prompt": [USER], "chosen": [ASSISTANT], "rejected": [{"role": "assistant", "content": "Bye."}]}),
+    ("kto", {"prompt": "2+2=", "completion": "4", "label": True}, {"prompt": "2+2=", "completion": "4", "label": True}),
+    ("kto", {"prompt": [USER], "completion": [ASSISTANT], "label": False},
+     {"prompt": [USER], "completion": [ASSISTANT], "label": False}),
+    ("kto", {"conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}], "kto_tag": False},
+     {"prompt": [USER], "completion": [ASSISTANT], "label": False}),
+    ("kto", {"instruction": "Hi?", "input": "", "output": "Hello.", "kto_tag": True},
+     {"prompt": [USER], "completion": [ASSISTANT], "label": True}),
+    ("kto", {"prompt": "The sky is", "chosen": " blue.", "rejected": " green."},  # a pair: two rows, as TRL unpairs
+     [{"prompt": "The sky is", "completion": " blue.", "label": True},
+      {"prompt": "The sky is", "completion": " green.", "label": False}]),
 ]
 
 
 @pytest.mark.parametrize("stage, row, expected", GOOD)
 def test_each_format_is_detected_and_converted(stage, row, expected):
     name = detect_format(row, stage, {}, "file")
-    assert to_example(row, stage, name, {}) == expected
+    assert to_examples(row, stage, name, {}) == (expected if isinstance(expected, list) else [expected])
     if "conversations" in row or "instruction" in row:
         assert name in ("sharegpt", "alpaca")
 
@@ -83,13 +93,18 @@ BAD = [  # (stage, format, row, reason)
      "prompt_mismatch"),
     ("dpo", "preference", {"prompt": [USER], "chosen": [USER], "rejected": [ASSISTANT]}, "bad_turn_order"),
     ("dpo", "preference", [1, 2], "wrong_type"),
+    ("kto", "unpaired", {"prompt": "2+2=", "completion": "4", "label": "yes"}, "wrong_type"),
+    ("kto", "unpaired", {"prompt": "2+2=", "completion": "4", "label": None}, "missing_field"),
+    ("kto", "unpaired", {"prompt": [USER], "completion": [USER], "label": True}, "bad_turn_order"),
+    ("kto", "sharegpt", {"conversations": [{"from": "human", "value": "Hi?"}], "kto_tag": True}, "bad_turn_order"),
+    ("kto", "alpaca", {"instruction": "Hi?", "output": "Hello.", "kto_tag": 1}, "wrong_type"),
 ]
 
 
 @pytest.mark.parametrize("stage, name, row, reason", BAD)
 def test_bad_rows_are_rejected_with_their_reason(stage, name, row, reason):
     with pytest.raises(Invalid) as info:
-        to_example(row, stage, name, {})
+        to_examples(row, stage, name, {})
     assert info.value.reason == reason
 
 
@@ -97,9 +112,9 @@ def test_columns_map_fields_before_detection():
     row = {"question": "The sky is", "good": " blue.", "bad": " green."}
     columns = {"prompt": "question", "chosen": "good", "rejected": "bad"}
     assert detect_format(row, "dpo", columns, "f") == "preference"
-    assert to_example(row, "dpo", "preference", columns) == {"prompt": "The sky is", "chosen": " blue.", "rejected": " green."}
+    assert to_examples(row, "dpo", "preference", columns) == [{"prompt": "The sky is", "chosen": " blue.", "rejected": " green."}]
     with pytest.raises(Invalid, match="no good field"):
-        to_example({"question": "x", "bad": "y"}, "dpo", "preference", columns)
+        to_examples({"question": "x", "bad": "y"}, "dpo", "preference", columns)
 
 
 def test_an_unrecognized_file_is_one_line_naming_fields_and_formats():
@@ -109,6 +124,48 @@ def test_an_unrecognized_file_is_one_line_naming_fields_and_formats():
     assert "\n" not in message
     assert message.startswith("data file x.jsonl: unrecognized dpo data format (found fields answer, question); accepted")
     assert all(f"{name}: " in message for name in FORMATS["dpo"])
+
+
+def test_unpaired_rows_given_to_a_paired_objective_are_one_line_saying_what_they_look_like():
+    with pytest.raises(UserError) as info:
+        detect_format({"prompt": "q", "completion": "a", "label": True}, "dpo", {}, "data file k.jsonl")
+    message = str(info.value)
+    assert "\n" not in message and "these look like kto (unpaired: dpo.loss_type=kto) rows" in message
+    with pytest.raises(UserError, match="these look like sft rows"):
+        detect_format({"messages": []}, "kto", {}, "data file chats.jsonl")
+
+
+def test_kto_rows_through_the_pipeline_with_pairs_split_and_bad_labels_counted(ray_session, tmp_path):
+    """Unpaired rows (one with a label that is no boolean) and pairs, each pair split into a desirable and an
+    undesirable row: the desirable halves of a read batch first, so no row sits next to its own prompt's other
+    answer (KTO's KL term pairs neighbours)."""
+    def turn(role, text):
+        return [{"role": role, "content": text}]
+
+    unpaired = [{"prompt": turn("user", "Hi?"), "completion": turn("assistant", "Hello."), "label": True},
+                {"prompt": turn("user", "Why?"), "completion": turn("assistant", "Because."), "label": False},
+                {"prompt": turn("user", "Hm?"), "completion": turn("assistant", "Hm."), "label": "yes"}]
+    pairs = [{"prompt": turn("user", q), "chosen": turn("assistant", "Yes."), "rejected": turn("assistant", "No.")}
+             for q in ("Is it?", "Really?")]
+    files = [tmp_path / "unpaired.jsonl", tmp_path / "pairs.jsonl"]
+    for file, rows in zip(files, (unpaired, pairs), strict=True):
+        file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = load_recipe("tiny-dpo", ["model.name_or_path=embedded", f"data.train=[{{path: '{files[0]}'}}, {{path: '{files[1]}'}}]",
+                                      "data.eval=[]", "data.on_bad_row=skip", "data.shuffle=false",
+                                      "dpo.loss_type=kto", "dpo.rpo_alpha=0"])
+    tokenizer = load_tokenizer(recipe)
+    data = build_datasets(recipe, tokenizer)
+    got = data.train.take_all()
+    assert [(r["row"], bool(r["label"])) for r in got] == [(0, True), (1, False), (0, True), (1, True), (0, False),
+                                                           (1, False)]
+    examples = [*to_examples(unpaired[0], "kto", "unpaired", {}), *to_examples(unpaired[1], "kto", "unpaired", {})]
+    examples += [e for label in (True, False) for p in pairs for e in to_examples(p, "kto", "preference", {})
+                 if e["label"] == label]
+    expected = tokenize_unpaired(tokenizer, examples, 128, "keep_start", False)
+    assert [list(r["completion_ids"]) for r in got] == [e["completion_ids"] for e in expected]
+    assert [list(r["prompt_ids"]) for r in got] == [e["prompt_ids"] for e in expected]
+    report = data.report()
+    assert report.dropped("train") == {"wrong_type": 1} and report.read("train") == 5
 
 
 def test_sharegpt_preference_file_through_the_pipeline_with_bad_rows_counted(ray_session, tmp_path):
@@ -127,7 +184,7 @@ def test_sharegpt_preference_file_through_the_pipeline_with_bad_rows_counted(ray
     data = build_datasets(recipe, tokenizer)
     got = sorted(data.train.take_all(), key=lambda r: r["row"])
     assert [r["row"] for r in got] == [0, 1, 5]
-    expected = tokenize_preference(tokenizer, [to_example(rows[i], "dpo", "sharegpt", {}) for i in (0, 1, 5)], 128,
+    expected = tokenize_preference(tokenizer, [to_examples(rows[i], "dpo", "sharegpt", {})[0] for i in (0, 1, 5)], 128,
                                    "keep_start", False)
     assert [list(r["prompt_ids"]) for r in got] == [e["prompt_ids"] for e in expected]
     assert [list(r["chosen_ids"]) for r in got] == [e["chosen_ids"] for e in expected]

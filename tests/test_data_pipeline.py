@@ -183,7 +183,7 @@ def test_file_level_problems_are_clear_errors_before_any_work(tmp_path, shared_d
         (unknown, "sft", f"data file {unknown}: unrecognized sft data format (found fields answer, question); "
                          "accepted formats: messages: messages=[{role, content}]"),
         (shared_data / "ultrachat_200k/sample_16.jsonl", "dpo",
-         "unrecognized dpo data format (found fields messages, prompt, prompt_id); accepted formats: sharegpt: "),
+         "unrecognized dpo data format (found fields messages, prompt, prompt_id; these look like sft rows); accepted formats: sharegpt: "),
         (corrupt, "sft", f"data file {corrupt} cannot be read: "),
         (tmp_path / "missing.jsonl", "sft", "no such file or folder"),
     ]

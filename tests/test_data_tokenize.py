@@ -16,7 +16,7 @@ from transformers import AutoTokenizer
 
 from ray_zephyr.chat_template import set_chat_template
 from ray_zephyr.data.collate import collate_preference
-from ray_zephyr.data.formats import to_example
+from ray_zephyr.data.formats import to_examples
 from ray_zephyr.data.tokenize import tokenize_preference, tokenize_sft
 from ray_zephyr.data.validate import Invalid, preference_example, sft_example
 from ray_zephyr.embedded import build_model
@@ -151,7 +151,7 @@ def sft_rows_in(fmt: str, rows: list[dict]) -> list[dict]:
 def test_every_trl_sft_format_matches_trl(shared_data, zephyr_tokenizer, tmp_path, fmt):
     rows = sft_rows_in(fmt, read_jsonl(shared_data / "ultrachat_200k" / "sample_16.jsonl"))
     name = "text" if fmt == "text" else "prompt_completion"
-    examples = [to_example(r, "sft", name, {}) for r in rows]
+    examples = [to_examples(r, "sft", name, {})[0] for r in rows]
     max_length = 384
     ours = [r for r in tokenize_sft(zephyr_tokenizer, examples, max_length, "keep_start", False) if not isinstance(r, Invalid)]
     theirs = trl_sft_rows(zephyr_tokenizer, rows, max_length, tmp_path)
@@ -182,7 +182,7 @@ def preference_rows_in(fmt: str, rows: list[dict]) -> list[dict]:
 @pytest.mark.parametrize("fmt", ["conversational_explicit", "standard_explicit", "standard_implicit"])
 def test_every_trl_preference_format_matches_trl(shared_data, zephyr_tokenizer, tmp_path, fmt):
     rows = preference_rows_in(fmt, read_jsonl(shared_data / "ultrafeedback_binarized" / "sample_16.jsonl"))
-    examples = [to_example(r, "dpo", "preference", {}) for r in rows]
+    examples = [to_examples(r, "dpo", "preference", {})[0] for r in rows]
     max_length = 256
     ours = [r for r in tokenize_preference(zephyr_tokenizer, examples, max_length, "keep_start", False)
             if not isinstance(r, Invalid)]

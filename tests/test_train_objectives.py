@@ -293,3 +293,85 @@ def test_reference_free_objectives_equal_trl(embedded_model_dir, tmp_path, objec
     for name in names:
         assert metrics[name] == pytest.approx(trl_metrics[name], abs=1e-5), name
     _assert_grads_equal(grads, trl_grads)
+
+
+def _unpaired_rows() -> list[dict]:
+    """4 desirable and 2 undesirable rows of 6 different prompts (conversational, as UltraFeedback's)."""
+    rows = [preference_row(0, "train", i) for i in range(6)]
+    return [{"prompt": r["chosen"][:-1], "completion": r[side][-1:], "label": side == "chosen"}
+            for r, side in zip(rows, ["chosen"] * 4 + ["rejected"] * 2, strict=True)]
+
+
+@pytest.mark.parametrize("loss_type", ["kto", "apo_zero_unpaired"])
+def test_kto_tokens_batch_loss_metrics_and_gradients_equal_trl(embedded_model_dir, tmp_path, loss_type):
+    """KTO (and unpaired APO-zero) as TRL's KTOTrainer: our tokenization and collation give its batch, KL rows
+    included (each prompt with the previous row's completion), and on it our loss, metrics and gradients are
+    its, with unequal weights on the two labels; padding-free gives the same loss and gradients."""
+    import copy
+
+    from ray_zephyr.config import load_recipe
+    from ray_zephyr.data.tokenize import tokenize_unpaired
+    from ray_zephyr.train.objectives import make_objective
+
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir)
+    # seed 12: a perturbation whose KL estimate on these rows is positive (a negative one is clamped to 0)
+    policy, reference = _perturbed(embedded_model_dir, 12), AutoModelForCausalLM.from_pretrained(embedded_model_dir)
+    examples = _unpaired_rows()
+    args = trl.KTOConfig(output_dir=str(tmp_path), per_device_train_batch_size=6, beta=0.2, loss_type=loss_type,
+                         desirable_weight=1.3, undesirable_weight=0.8, max_length=48, report_to=[], use_cpu=True,
+                         bf16=False, seed=0, train_sampling_strategy="sequential")
+    ours_policy = copy.deepcopy(policy)
+    trainer = trl.KTOTrainer(model=policy, ref_model=reference, args=args, train_dataset=Dataset.from_list(examples),
+                             processing_class=tokenizer)
+    batch = _first_batch(trainer)
+    expected, trl_metrics, trl_grads = _trl_loss_and_grads(trainer, batch)
+
+    tokenized = tokenize_unpaired(tokenizer, examples, 48, "keep_start", False)
+    for key in ("prompt_ids", "completion_ids", "label"):
+        assert [r[key] for r in tokenized] == trainer.train_dataset[key], key
+    rows = {key: [r[key] for r in tokenized] for key in ("prompt_ids", "completion_ids", "label")}
+    results = {}
+    for padding_free in ("false", "true"):
+        recipe = load_recipe("tiny-dpo", [f"model.name_or_path={embedded_model_dir}", "dpo.rpo_alpha=0",
+                                          f"train.padding_free={padding_free}", f"dpo.loss_type={loss_type}",
+                                          "dpo.beta=0.2", "dpo.desirable_weight=1.3", "dpo.undesirable_weight=0.8",
+                                          "data.max_length=48"])
+        assert recipe.dpo.reference == "resident" and recipe.data_kind == "kto"
+        objective = make_objective(recipe, tokenizer.pad_token_id, TokenScorer(reference))
+        ours = objective.collate(rows)
+        if padding_free == "false":
+            expected_keys = [k for k in batch if k.startswith(("input_ids", "attention_mask", "completion_mask", "KL_",
+                                                               "label"))]
+            assert expected_keys and all(torch.equal(ours[k], batch[k]) for k in expected_keys)
+            assert ("KL_input_ids" in ours) == (loss_type == "kto")
+        scorer = TokenScorer(copy.deepcopy(ours_policy))
+        metrics = MetricSums()
+        loss = objective.loss(scorer, ours, objective.loss_denominator(ours), metrics)
+        loss.backward()
+        results[padding_free] = (loss.item(), metrics.means(), {n: p.grad.clone() for n, p in scorer.lm.named_parameters()})
+
+    loss, metrics, grads = results["false"]
+    assert loss == pytest.approx(expected, abs=1e-5) and metrics["loss"] == pytest.approx(expected, abs=1e-5)
+    names = ["kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected",
+             "logits/chosen", "logits/rejected", "entropy"]
+    for name in names:
+        assert metrics[name] == pytest.approx(trl_metrics[name], abs=1e-5), name
+    if loss_type == "kto":
+        assert metrics["kl"] > 0  # the perturbed policy is not the reference: the KL term is really there
+    _assert_grads_equal(grads, trl_grads)
+    packed_loss, _, packed_grads = results["true"]
+    assert packed_loss == pytest.approx(loss, abs=1e-5)
+    _assert_grads_equal(packed_grads, grads)
+
+
+def test_kto_reports_its_label_balance_and_trl_advice_when_the_weights_do_not_make_up_for_it():
+    from ray_zephyr.config import load_recipe
+    from ray_zephyr.train.objectives import kto_balance
+
+    dpo = load_recipe("tiny-dpo", ["dpo.loss_type=kto", "dpo.rpo_alpha=0"]).dpo
+    assert kto_balance(16, 16, dpo) == "kto: 16 desirable + 16 undesirable training rows (weights 1 / 1)"
+    assert kto_balance(30, 10, dpo).endswith("the weights do not balance the labels (KTO paper, eq. 8): set EITHER "
+                                             "dpo.desirable_weight in [0.33, 0.44] OR dpo.undesirable_weight in "
+                                             "[2.26, 3.0]")
+    balanced = load_recipe("tiny-dpo", ["dpo.loss_type=kto", "dpo.rpo_alpha=0", "dpo.undesirable_weight=2.5"]).dpo
+    assert "do not balance" not in kto_balance(30, 10, balanced)

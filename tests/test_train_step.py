@@ -133,6 +133,7 @@ def test_one_step_hands_two_collectives_tensors_on_the_engine_device(embedded_mo
     also checks the arithmetic: means unchanged, totals doubled, the loss averaged over both workers' tokens."""
     import torch
 
+    import ray_zephyr.train.objectives as objectives_module
     import ray_zephyr.train.step as step_module
 
     init_single_process()
@@ -168,6 +169,7 @@ def test_one_step_hands_two_collectives_tensors_on_the_engine_device(embedded_mo
             tensor.mul_(2)
 
     monkeypatch.setattr(step_module, "dist", TwinWorker)
+    monkeypatch.setattr(objectives_module, "dist", TwinWorker)  # where the collectives' helper lives
     twin = train_step(engine, objective, [batch])
     assert handed == [engine.device, engine.device]
     assert all(isinstance(d, torch.device) for d in handed)

@@ -2,6 +2,8 @@
 
 SFT examples: `{messages}` (conversational), `{prompt, completion}` (message lists or strings), `{text}`.
 DPO examples: `{prompt, chosen, rejected}` (message lists or strings).
+KTO examples: `{prompt, completion, label}` (TRL's unpaired preference); a pair is two of them, as TRL's
+KTOTrainer splits pairs (`unpair_preference_dataset`): the chosen answer desirable, the rejected one not.
 TRL's formats pass through unchanged (so tokenization can match TRL token for token); ShareGPT and Alpaca are
 converted to messages first, the way LLaMA-Factory reads them. A source's format is detected from its first
 row's fields or set with `format:`; `columns:` renames fields first (`{prompt: question}` reads `question`).
@@ -152,6 +154,37 @@ def _preference(row: dict) -> dict:
     return preference_example(row)
 
 
+def _label(row: dict, name: str) -> bool:
+    value = field(row, name)
+    if not isinstance(value, bool):
+        raise Invalid("wrong_type", f"{name} must be true (desirable) or false (undesirable), got {value!r}")
+    return value
+
+
+def _unpaired(row: dict) -> dict:
+    """TRL's unpaired preference rows: prompt and completion (strings or message lists) and a boolean label."""
+    return _prompt_completion(row) | {"label": _label(row, "label")}
+
+
+def _sharegpt_unpaired(row: dict) -> dict:
+    """LLaMA-Factory's KTO rows: a ShareGPT conversation whose last (gpt) turn is the completion, and `kto_tag`."""
+    messages = _sharegpt_sft(row)["messages"]
+    return {"prompt": messages[:-1], "completion": messages[-1:], "label": _label(row, "kto_tag")}
+
+
+def _alpaca_unpaired(row: dict) -> dict:
+    """An Alpaca row with LLaMA-Factory's `kto_tag`: the output is the completion."""
+    messages = _alpaca_sft(row)["messages"]
+    return {"prompt": messages[:-1], "completion": messages[-1:], "label": _label(row, "kto_tag")}
+
+
+def _unpair(row: dict) -> list[dict]:
+    """A preference pair as two unpaired rows, next to each other: the chosen answer desirable, the rejected not."""
+    pair = _preference(row)
+    return [{"prompt": pair["prompt"], "completion": pair["chosen"], "label": True},
+            {"prompt": pair["prompt"], "completion": pair["rejected"], "label": False}]
+
+
 @dataclass(frozen=True)
 class Format:
     fields: tuple[str, ...]  # what a row of this format has (how it is detected)
@@ -177,7 +210,18 @@ FORMATS: dict[str, dict[str, Format]] = {
         "preference": Format(("chosen", "rejected"), _preference,
                              "chosen, rejected, optional prompt, as strings or message lists (TRL preference, UltraFeedback)"),
     },
+    "kto": {
+        "sharegpt": Format(("conversations", "kto_tag"), _sharegpt_unpaired,
+                           "conversations=[{from, value}] ending with the answer, kto_tag (LLaMA-Factory KTO)"),
+        "alpaca": Format(("instruction", "output", "kto_tag"), _alpaca_unpaired,
+                         "instruction, input, output, kto_tag (Alpaca with LLaMA-Factory's KTO tag)"),
+        "unpaired": Format(("prompt", "completion", "label"), _unpaired,
+                           "prompt, completion, label as strings or message lists (TRL unpaired preference)"),
+        "preference": Format(("chosen", "rejected"), _unpair,
+                             "chosen, rejected (TRL preference, UltraFeedback): each pair two rows, chosen desirable"),
+    },
 }
+KINDS = {"sft": "sft", "dpo": "dpo (pairs)", "kto": "kto (unpaired: dpo.loss_type=kto)"}
 
 
 def rename(row: dict, columns: dict[str, str]) -> dict:
@@ -192,26 +236,41 @@ def rename(row: dict, columns: dict[str, str]) -> dict:
     return out
 
 
-def detect_format(row: Any, stage: str, columns: dict[str, str], where: str) -> str:
-    """The first format of the stage whose fields the row has; else a one-line error naming what was found."""
+def _matching(names: set[str], kind: str) -> str | None:
+    return next((name for name, fmt in FORMATS[kind].items() if all(f in names for f in fmt.fields)), None)
+
+
+def _looks_like(names: set[str], kind: str) -> str | None:
+    """The other data kind whose most specific matching format the fields fit, if any."""
+    fits = [(len(fmt.fields), k) for k in FORMATS if k != kind for fmt in FORMATS[k].values()
+            if all(f in names for f in fmt.fields)]
+    return max(fits, key=lambda fit: fit[0])[1] if fits else None
+
+
+def detect_format(row: Any, kind: str, columns: dict[str, str], where: str) -> str:
+    """The first format of the data kind (sft, dpo, kto) whose fields the row has; else a one-line error naming
+    what was found, and the kind of data it looks like."""
     found = sorted(row) if isinstance(row, dict) else []
     names = set(found) | set(columns)
-    for name, fmt in FORMATS[stage].items():
-        if all(f in names for f in fmt.fields):
-            return name
-    accepted = "; ".join(f"{name}: {fmt.shape}" for name, fmt in FORMATS[stage].items())
+    if match := _matching(names, kind):
+        return match
+    accepted = "; ".join(f"{name}: {fmt.shape}" for name, fmt in FORMATS[kind].items())
     what = (f"fields {', '.join(found)}" if found else "no JSON object in its first rows" if row is None or
             isinstance(row, Invalid) else f"a {type(row).__name__}, not an object")
-    raise UserError(f"{where}: unrecognized {stage} data format (found {what}); accepted formats: {accepted}")
+    other = _looks_like(names, kind)
+    hint = f"; these look like {KINDS[other]} rows" if other else ""
+    raise UserError(f"{where}: unrecognized {kind} data format (found {what}{hint}); accepted formats: {accepted}")
 
 
-def check_format(name: str, stage: str, where: str) -> None:
-    if name not in FORMATS[stage]:
-        raise UserError(f"{where}: format {name!r} is not a {stage} format; use one of {', '.join(FORMATS[stage])}")
+def check_format(name: str, kind: str, where: str) -> None:
+    if name not in FORMATS[kind]:
+        raise UserError(f"{where}: format {name!r} is not a {kind} format; use one of {', '.join(FORMATS[kind])}")
 
 
-def to_example(row: Any, stage: str, format_name: str, columns: dict[str, str]) -> dict:
-    """One row (already parsed) -> the stage's example, or Invalid with its reason."""
+def to_examples(row: Any, kind: str, format_name: str, columns: dict[str, str]) -> list[dict]:
+    """One row (already parsed) -> the data kind's examples (one; two for a pair given to KTO), or Invalid with
+    its reason."""
     if not isinstance(row, dict):
         raise Invalid("wrong_type", f"a row must be an object, got {type(row).__name__}")
-    return FORMATS[stage][format_name].convert(rename(row, columns))
+    example = FORMATS[kind][format_name].convert(rename(row, columns))
+    return example if isinstance(example, list) else [example]

@@ -22,7 +22,7 @@ import pyarrow as pa
 import ray
 
 from ray_zephyr.config import Recipe, SourceConfig
-from ray_zephyr.data.formats import to_example
+from ray_zephyr.data.formats import to_examples
 from ray_zephyr.data.sources import Chunk, ResolvedSource, read_chunk, resolve_source
 from ray_zephyr.data.tokenize import TOKENIZERS, bos_choice
 from ray_zephyr.data.validate import Invalid
@@ -33,6 +33,7 @@ KEPT = "kept"
 COLUMNS = {
     "sft": {"input_ids": pa.list_(pa.int32()), "labels": pa.list_(pa.int32())},
     "dpo": {"prompt_ids": pa.list_(pa.int32()), "chosen_ids": pa.list_(pa.int32()), "rejected_ids": pa.list_(pa.int32())},
+    "kto": {"prompt_ids": pa.list_(pa.int32()), "completion_ids": pa.list_(pa.int32()), "label": pa.bool_()},
 }
 
 
@@ -130,14 +131,14 @@ class TokenizeChunks:
 
     def __init__(self, recipe: Recipe, tokenizer, dataset: str, chunks: list[Chunk], thresholds: dict[str, float],
                  holdout: str | None, shuffle: bool, stats):
-        self.stage, self.data, self.seed = recipe.stage, recipe.data, recipe.seed
+        self.kind, self.data, self.seed = recipe.data_kind, recipe.data, recipe.seed
         self.tokenizer, self.dataset, self.chunks, self.thresholds = tokenizer, dataset, chunks, thresholds
         self.holdout, self.shuffle, self.stats = holdout, shuffle, stats
-        self.tokenize = TOKENIZERS[self.stage]
+        self.tokenize = TOKENIZERS[self.kind]
         self.options = {"add_bos": bos_choice(tokenizer, self.data.add_bos)}
-        if self.stage == "dpo":
+        if self.kind != "sft":
             self.options["max_prompt_length"] = self.data.max_prompt_length
-        self.schema = pa.schema({**COLUMNS[self.stage], "source": pa.string(), "row": pa.int64()}
+        self.schema = pa.schema({**COLUMNS[self.kind], "source": pa.string(), "row": pa.int64()}
                                 | ({"shuffle_key": pa.float64()} if shuffle else {}))
 
     def _selector(self, chunk: Chunk):
@@ -156,7 +157,8 @@ class TokenizeChunks:
         return invalid.reason
 
     def _tokenize_rows(self, chunk: Chunk, rows: np.ndarray, values: list, fates: list[str]) -> pa.Table:
-        """Tokenized rows of one read batch as a table; appends each row's fate to `fates`, in row order."""
+        """Tokenized rows of one read batch as a table; appends each row's fate to `fates`, in row order. A row
+        given to KTO as a pair is two examples (sharing its prompt, so kept or dropped together)."""
         columns, rows = dict(chunk.columns), rows.tolist()
         fate: list[str] = [KEPT] * len(rows)
         candidates, examples = [], []
@@ -164,10 +166,15 @@ class TokenizeChunks:
             try:
                 if isinstance(value, Invalid):
                     raise value
-                examples.append(to_example(value, self.stage, chunk.format, columns))
-                candidates.append(i)
+                converted = to_examples(value, self.kind, chunk.format, columns)
+                examples += converted
+                candidates += [i] * len(converted)
             except Invalid as invalid:
                 fate[i] = self._reason(chunk, rows[i], invalid)
+        if self.kind == "kto" and chunk.format == "preference":
+            # the desirable halves, then the undesirable ones (as TRL's unpair_preference_dataset orders them): KTO's
+            # KL term pairs a prompt with its neighbour's completion, which must not answer the same prompt
+            examples, candidates = examples[0::2] + examples[1::2], candidates[0::2] + candidates[1::2]
         results = self.tokenize(self.tokenizer, examples, self.data.max_length, self.data.truncation_mode,
                                 self.data.add_empty_system, **self.options) if examples else []
         out: dict[str, list] = {name: [] for name in self.schema.names}
@@ -214,7 +221,7 @@ def resolve_sources(recipe: Recipe, sources: list[SourceConfig]) -> tuple[list[C
     """Read chunks of all sources, and the mixture threshold of each file (by chunk key)."""
     chunks, thresholds = [], {}
     for position, source in enumerate(sources):
-        resolved = resolve_source(source, recipe.stage, recipe.seed, position)
+        resolved = resolve_source(source, recipe.data_kind, recipe.seed, position)
         chunks += resolved.chunks
         threshold = mixture_threshold(resolved, source.weight, recipe.seed)
         thresholds |= {key: threshold for key in resolved.rows}

@@ -17,10 +17,11 @@ def _lengths(rows: dict, recipe: Recipe) -> tuple[list[int], list[int]]:
     prompt and completions apart until it collates, so a pair counts both of its sequences, each cut there)."""
     if recipe.stage == "sft":
         return [len(x) for x in rows["input_ids"]], [int(np.sum(np.asarray(x) != -100)) for x in rows["labels"]]
+    sides = ("completion_ids",) if recipe.data_kind == "kto" else ("chosen_ids", "rejected_ids")
     seq, sup = [], []
-    for prompt, chosen, rejected in zip(rows["prompt_ids"], rows["chosen_ids"], rows["rejected_ids"]):
+    for prompt, *completions in zip(rows["prompt_ids"], *(rows[side] for side in sides)):
         masks = [truncate([0] * len(prompt) + [1] * len(c), recipe.data.max_length, recipe.data.truncation_mode)
-                 for c in (chosen, rejected)]
+                 for c in completions]
         seq.append(sum(len(m) for m in masks))
         sup.append(sum(sum(m) for m in masks))
     return seq, sup
@@ -42,11 +43,15 @@ def mark_supervised(tokenizer, ids: list[int], supervised: list[bool]) -> str:
     return "".join(out)
 
 
-def render_example(tokenizer, row: dict, stage: str) -> str:
-    if stage == "sft":
+def render_example(tokenizer, row: dict, kind: str) -> str:
+    if kind == "sft":
         labels = list(row["labels"])
         return mark_supervised(tokenizer, list(row["input_ids"]), [label != -100 for label in labels])
     prompt = list(row["prompt_ids"])
+    if kind == "kto":
+        completion = list(row["completion_ids"])
+        text = mark_supervised(tokenizer, prompt + completion, [False] * len(prompt) + [True] * len(completion))
+        return f"{text}\n--- label: {'desirable' if row['label'] else 'undesirable'}"
     chosen = mark_supervised(tokenizer, prompt + list(row["chosen_ids"]), [False] * len(prompt) + [True] * len(row["chosen_ids"]))
     rejected = tokenizer.decode(list(row["rejected_ids"]))
     return f"{chosen}\n--- rejected completion:\n[[{rejected}]]"
@@ -75,9 +80,9 @@ def preview(recipe: Recipe, tokenizer, max_rows: int | None = None) -> str:
 
     for name, (seq, sup) in stats.items():
         if seq:
-            both = " (a pair: prompt + chosen and prompt + rejected)" if recipe.stage == "dpo" else ""
+            both = " (a pair: prompt + chosen and prompt + rejected)" if recipe.data_kind == "dpo" else ""
             lines.append(f"{name} tokens per row after truncation{both}: {pct(seq)}; supervised tokens: {pct(sup)}")
     if example is not None:
         lines.append(f"example ({example['source']} row {example['row']}; supervised tokens in [[ ]]):")
-        lines.append(render_example(tokenizer, example, recipe.stage))
+        lines.append(render_example(tokenizer, example, recipe.data_kind))
     return "\n".join(lines)

@@ -99,7 +99,8 @@ def source_chunks(source: SourceConfig, stage: str, seed: int) -> list[Chunk]:
 def resolve_source(source: SourceConfig, stage: str, seed: int, position: int = 0) -> ResolvedSource:
     """Resolve a recipe source (the `position`-th of its list): files, formats, row counts and chunks.
 
-    `stage`: sft or dpo (rows in one of the stage's formats), or prompts (rows as they are)."""
+    `stage`: the recipe's data kind, sft, dpo or kto (rows in one of its formats: `Recipe.data_kind`), or prompts
+    (rows as they are)."""
     if source.format != "auto" and stage in FORMATS:
         check_format(source.format, stage, f"data source {source.path!r}")
     if source.path == "embedded":

@@ -6,6 +6,7 @@ the tokenizer, labels on all of `text` or on the completion; truncated to max_le
 supervised token is dropped. DPO: prompt rendered with the generation prompt (or tokenized as a string);
 chosen/rejected = the tokens after the common prefix of prompt and prompt+completion (TRL's rule); a row whose
 prompt alone reaches max_length is dropped (keep_start), and the collator truncates prompt+completion like TRL's.
+KTO: the same for its one completion, as TRL's KTOTrainer.
 Two departures, both off by default: `add_bos` and `max_prompt_length` reproduce the original Zephyr runs.
 Rows are tokenized a batch at a time: one template render per row, one fast-tokenizer call per batch.
 """
@@ -125,8 +126,10 @@ def common_prefix_length(a: list[int], b: list[int]) -> int:
     return n
 
 
-def _preference_group(tokenizer, examples: list[dict], conversational: bool, add_empty_system: bool) -> list[tuple]:
-    """(prompt, prompt+chosen, prompt+rejected) token ids: TRL DPOTrainer's rendering of each kind of row."""
+def _prompt_group(tokenizer, examples: list[dict], conversational: bool, add_empty_system: bool,
+                  completions: tuple[str, ...]) -> list[tuple]:
+    """(prompt, prompt+completion for each named completion) token ids: TRL DPOTrainer's (chosen, rejected) and
+    KTOTrainer's (completion) rendering of each kind of row."""
     if conversational:
         prompts = [with_system_turn(e["prompt"], add_empty_system) for e in examples]
 
@@ -134,12 +137,29 @@ def _preference_group(tokenizer, examples: list[dict], conversational: bool, add
             return tokenizer.apply_chat_template(conversations, tokenize=True, return_dict=True, **kwargs)["input_ids"]
 
         return list(zip(encode(prompts, add_generation_prompt=True),
-                        encode([p + e["chosen"] for p, e in zip(prompts, examples, strict=True)]),
-                        encode([p + e["rejected"] for p, e in zip(prompts, examples, strict=True)]), strict=True))
+                        *(encode([p + e[c] for p, e in zip(prompts, examples, strict=True)]) for c in completions),
+                        strict=True))
     eos = tokenizer.eos_token
     return list(zip(tokenizer([e["prompt"] for e in examples])["input_ids"],
-                    tokenizer([e["prompt"] + _with_eos(e["chosen"], eos) for e in examples])["input_ids"],
-                    tokenizer([e["prompt"] + _with_eos(e["rejected"], eos) for e in examples])["input_ids"], strict=True))
+                    *(tokenizer([e["prompt"] + _with_eos(e[c], eos) for e in examples])["input_ids"] for c in completions),
+                    strict=True))
+
+
+def _prompt_ids(prompt: list[int], n: int, bos: int | None, add_bos: bool | None,
+                max_prompt_length: int | None) -> list[int]:
+    """The prompt's first `n` tokens (where it and its completions agree), with BOS as asked, cut to
+    max_prompt_length (its last tokens, after BOS when add_bos)."""
+    prompt_ids, _ = _with_bos(prompt[:n], bos, add_bos)
+    if max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
+        head = prompt_ids[:1] if add_bos else []
+        prompt_ids = head + prompt_ids[len(prompt_ids) - max_prompt_length + len(head):]
+    return prompt_ids
+
+
+def _prompt_too_long(prompt_ids: list[int], max_length: int, truncation_mode: str) -> Invalid | None:
+    if truncation_mode == "keep_start" and len(prompt_ids) >= max_length:
+        return Invalid("prompt_too_long", f"prompt is {len(prompt_ids)} tokens, not below max_length={max_length}")
+    return None
 
 
 def tokenize_preference(
@@ -148,20 +168,32 @@ def tokenize_preference(
 ) -> list[dict | Invalid]:
     """With max_prompt_length (the paper's 512, which TRL 1.x dropped), a longer prompt keeps its last tokens
     (after BOS when add_bos), and the collator then cuts the completions to max_length."""
-    encoded = _grouped(examples, lambda group, conv: _preference_group(tokenizer, group, conv, add_empty_system))
-    bos = tokenizer.bos_token_id
+    encoded = _grouped(examples, lambda group, conv: _prompt_group(tokenizer, group, conv, add_empty_system,
+                                                                    ("chosen", "rejected")))
     out: list[dict | Invalid] = []
     for prompt, chosen, rejected in encoded:
         n = min(common_prefix_length(prompt, chosen), common_prefix_length(prompt, rejected))
-        prompt_ids, _ = _with_bos(prompt[:n], bos, add_bos)
-        if max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
-            head = prompt_ids[:1] if add_bos else []
-            prompt_ids = head + prompt_ids[len(prompt_ids) - max_prompt_length + len(head):]
-        if truncation_mode == "keep_start" and len(prompt_ids) >= max_length:
-            out.append(Invalid("prompt_too_long", f"prompt is {len(prompt_ids)} tokens, not below max_length={max_length}"))
-        else:
-            out.append({"prompt_ids": prompt_ids, "chosen_ids": chosen[n:], "rejected_ids": rejected[n:]})
+        prompt_ids = _prompt_ids(prompt, n, tokenizer.bos_token_id, add_bos, max_prompt_length)
+        out.append(_prompt_too_long(prompt_ids, max_length, truncation_mode)
+                   or {"prompt_ids": prompt_ids, "chosen_ids": chosen[n:], "rejected_ids": rejected[n:]})
     return out
 
 
-TOKENIZERS = {"sft": tokenize_sft, "dpo": tokenize_preference}
+def tokenize_unpaired(
+    tokenizer: PreTrainedTokenizerBase, examples: list[dict], max_length: int, truncation_mode: str, add_empty_system: bool,
+    *, add_bos: bool | None = None, max_prompt_length: int | None = None,
+) -> list[dict | Invalid]:
+    """KTO's rows as TRL's KTOTrainer prepares them: the completion is what follows the common prefix of prompt and
+    prompt+completion; a prompt that alone reaches max_length is dropped."""
+    encoded = _grouped(examples, lambda group, conv: _prompt_group(tokenizer, group, conv, add_empty_system,
+                                                                    ("completion",)))
+    out: list[dict | Invalid] = []
+    for example, (prompt, full) in zip(examples, encoded, strict=True):
+        n = common_prefix_length(prompt, full)
+        prompt_ids = _prompt_ids(prompt, n, tokenizer.bos_token_id, add_bos, max_prompt_length)
+        out.append(_prompt_too_long(prompt_ids, max_length, truncation_mode)
+                   or {"prompt_ids": prompt_ids, "completion_ids": full[n:], "label": example["label"]})
+    return out
+
+
+TOKENIZERS = {"sft": tokenize_sft, "dpo": tokenize_preference, "kto": tokenize_unpaired}

@@ -81,8 +81,8 @@ def evaluate_preferences(recipe: Recipe, sft_dir: str, dpo_dir: str) -> Preferen
     from ray_zephyr.data.pipeline import build_datasets
     from ray_zephyr.models import load_tokenizer
 
-    if recipe.stage != "dpo":
-        raise UserError(f"preference evaluation needs a dpo recipe, got a {recipe.stage} recipe")
+    if recipe.data_kind != "dpo":
+        raise UserError(f"preference evaluation needs a dpo recipe trained on pairs, got a {recipe.data_kind} recipe")
     recipe = recipe.model_copy(update={"model": recipe.model.model_copy(update={"name_or_path": sft_dir})})
     tokenizer = load_tokenizer(recipe)
     pairs = build_datasets(recipe, tokenizer).eval

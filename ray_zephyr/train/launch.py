@@ -135,18 +135,31 @@ def write_row_files(recipe: Recipe, tokenizer, reference_path: str) -> tuple[dic
 
         datasets = {k: ds and add_reference_logps(ds, recipe, reference_path, tokenizer.pad_token_id)
                     for k, ds in datasets.items()}
-    counts = {}
+    counts, desirable = {}, [0]
     for split, ds in datasets.items():
         batches = ds.iter_batches(batch_format="pyarrow", batch_size=1024) if ds is not None else []
-        counts[split] = write_rows(iter_with_stall_timeout(batches, recipe.data.stall_timeout_s, f"{split} data",
-                                                          recipe.data.start_timeout_s),
-                                   storage.join(output_dir(recipe), "data", split))
+        batches = iter_with_stall_timeout(batches, recipe.data.stall_timeout_s, f"{split} data",
+                                          recipe.data.start_timeout_s)
+        if split == "train" and recipe.data_kind == "kto":
+            batches = _counting_desirable(batches, desirable)
+        counts[split] = write_rows(batches, storage.join(output_dir(recipe), "data", split))
     lines = prepared.report().lines()
+    if recipe.data_kind == "kto":
+        from ray_zephyr.train.objectives import kto_balance
+
+        lines.append(kto_balance(desirable[0], counts["train"] - desirable[0], recipe.dpo))
     if recipe.stage == "dpo":
         dpo = recipe.dpo
         lines.append(f"reference: {dpo.reference}, {dpo.reference_model or 'the starting model'}" if dpo.uses_reference
                      else f"reference: none ({dpo.losses[0][0]} is reference-free: no reference pass)")
     return counts, lines
+
+
+def _counting_desirable(batches, total: list[int]):
+    """The batches, adding up their desirable (KTO) rows in `total[0]` as they pass."""
+    for batch in batches:
+        total[0] += int(batch.column("label").to_numpy(zero_copy_only=False).sum())
+        yield batch
 
 
 def _absolute(model: str) -> str:

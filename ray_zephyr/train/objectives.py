@@ -1,5 +1,6 @@
 """The objectives, numerically TRL 1.16's: dSFT; dDPO (sigmoid, IPO, hinge, APO-zero/down, mixtures, cDPO label
-smoothing, RPO) as its DPOTrainer; SimPO as its CPOTrainer; ORPO as its ORPOTrainer (the last two reference-free).
+smoothing, RPO) as its DPOTrainer; SimPO as its CPOTrainer; ORPO as its ORPOTrainer (the last two reference-free);
+KTO and unpaired APO-zero as its KTOTrainer (unpaired rows).
 
 An objective says how to collate rows, what its loss is a mean over (`loss_denominator`: supervised tokens
 for SFT, pairs for DPO, pairs and chosen tokens for ORPO) and the loss itself; `step.train_step` does the rest. Metric names follow TRL
@@ -11,14 +12,22 @@ once: the mean over the global batch, whatever the shard sizes.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from ray_zephyr.config import Recipe
-from ray_zephyr.data.collate import collate_preference, collate_sft
+from ray_zephyr.data.collate import collate_preference, collate_sft, collate_unpaired
 from ray_zephyr.train.padding_free import model_inputs, pack
 from ray_zephyr.train.scoring import TokenStats, sequence_logps
 
 IGNORE_INDEX = -100
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum `tensor` over the workers, in place (a no-op without torch.distributed or with one worker)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor)
+    return tensor
 
 
 class MetricSums:
@@ -29,6 +38,7 @@ class MetricSums:
         self.device = torch.device(device)
         self.sums: dict[str, list[torch.Tensor]] = {}
         self.totals: dict[str, torch.Tensor] = {}
+        self.differences: dict[str, tuple[str, str]] = {}
 
     def _tensor(self, value: torch.Tensor | float) -> torch.Tensor:
         return torch.as_tensor(value, device=self.device).detach().to(torch.float64)
@@ -41,6 +51,10 @@ class MetricSums:
     def count(self, name: str, value: torch.Tensor | float) -> None:
         self.totals[name] = self.totals.get(name, self._tensor(0.0)) + self._tensor(value)
 
+    def difference(self, name: str, first: str, second: str) -> None:
+        """`name` = mean `first` - mean `second`, where both have a count (TRL's KTO `rewards/margins`)."""
+        self.differences[name] = (first, second)
+
     def means(self, all_reduce_sum=None) -> dict[str, float]:
         """The means and totals; summed over workers first by `all_reduce_sum` (in place, on a tensor on
         `device`) when given. One collective and one read to the host, however many metrics."""
@@ -50,7 +64,9 @@ class MetricSums:
             return {}
         stacked = torch.stack(parts)
         flat = (all_reduce_sum(stacked) if all_reduce_sum else stacked).tolist()
-        out = {n: flat[2 * i] / flat[2 * i + 1] if flat[2 * i + 1] else 0.0 for i, n in enumerate(means)}
+        counts = {n: flat[2 * i + 1] for i, n in enumerate(means)}
+        out = {n: flat[2 * i] / counts[n] if counts[n] else 0.0 for i, n in enumerate(means)}
+        out |= {name: out[a] - out[b] for name, (a, b) in self.differences.items() if counts.get(a) and counts.get(b)}
         return out | dict(zip(totals, flat[2 * len(means) :], strict=True))
 
 
@@ -287,7 +303,108 @@ class DPOObjective:
         return loss
 
 
+def kto_losses(logratios: torch.Tensor, desirable: torch.Tensor, kl: torch.Tensor, beta: float, loss_type: str,
+               desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> torch.Tensor:
+    """Per-row KTO loss (Ethayarajh et al., 2024, eq. 7) as TRL 1.16's KTOTrainer computes it, from each row's
+    log-ratio to the reference and the (detached) KL estimate; or unpaired APO-zero (no KL term)."""
+    if loss_type == "kto":
+        losses = torch.where(desirable, 1 - torch.sigmoid(beta * (logratios - kl)),
+                             1 - torch.sigmoid(beta * (kl - logratios)))
+    elif loss_type == "apo_zero_unpaired":
+        losses = torch.where(desirable, 1 - torch.sigmoid(beta * logratios), torch.sigmoid(beta * logratios))
+    else:
+        raise ValueError(f"unknown unpaired loss type {loss_type!r}")
+    weights = torch.where(desirable, desirable_weight, undesirable_weight).to(losses.dtype)
+    return weights * losses
+
+
+def kto_balance(desirable: int, undesirable: int, dpo) -> str:
+    """The report line on KTO's two labels, with TRL's advice when the weights do not make up for an imbalance (the
+    KTO paper's eq. 8: desirable_weight x desirable / (undesirable_weight x undesirable) in [1, 4/3])."""
+    line = (f"kto: {desirable} desirable + {undesirable} undesirable training rows (weights {dpo.desirable_weight:g} "
+            f"/ {dpo.undesirable_weight:g})")
+    d, u = max(desirable, 1), max(undesirable, 1)
+    if d == u:
+        return line
+    low, high = round(u * dpo.undesirable_weight / d, 2), round(u * dpo.undesirable_weight / d * 1.33, 2)
+    u_low, u_high = round(d * dpo.desirable_weight / u / 1.33, 2), round(d * dpo.desirable_weight / u, 2)
+    if low <= dpo.desirable_weight <= high or u_low <= dpo.undesirable_weight <= u_high:
+        return line
+    return (f"{line}; the weights do not balance the labels (KTO paper, eq. 8): set EITHER dpo.desirable_weight in "
+            f"[{low}, {high}] OR dpo.undesirable_weight in [{u_low}, {u_high}]")
+
+
+class KTOObjective:
+    """KTO on unpaired rows, a mean over the global batch's rows. Its KL term, TRL's estimate: the policy's and the
+    (resident) reference's log-ratio on each prompt paired with another row's completion of the same micro-batch
+    (`collate_unpaired`), averaged over the micro-batch and over the workers, clamped at 0, without gradient."""
+
+    def __init__(self, recipe: Recipe, pad_token_id: int, reference):
+        if reference is None:
+            raise ValueError("KTO needs a resident reference (dpo.reference=resident)")
+        self.pad_token_id, self.data, self.dpo, self.reference = pad_token_id, recipe.data, recipe.dpo, reference
+        self.padding_free, self.loss_type = recipe.train.padding_free, recipe.dpo.losses[0][0]
+        self.kl = self.loss_type == "kto"
+
+    def _finish(self, part: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        part["lengths"] = part["attention_mask"].sum(1)
+        return pack(part, "completion_mask") if self.padding_free else part
+
+    def collate(self, rows: dict) -> dict[str, torch.Tensor]:
+        batch = collate_unpaired(rows, self.pad_token_id, self.data.max_length, self.data.truncation_mode, self.kl)
+        main = self._finish({k: v for k, v in batch.items() if not k.startswith("KL_")})
+        mismatched = self._finish({k[3:]: v for k, v in batch.items() if k.startswith("KL_")}) if self.kl else {}
+        return main | {f"KL_{k}": v for k, v in mismatched.items()}
+
+    def samples(self, batch: dict[str, torch.Tensor]) -> int:
+        return len(batch["label"])
+
+    def loss_denominator(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.tensor(self.samples(batch), device=batch["input_ids"].device)
+
+    def _logps(self, model, batch: dict[str, torch.Tensor], token_stats: bool) -> tuple[TokenStats, torch.Tensor]:
+        stats = model(**model_inputs(batch, "completion_mask"), token_stats=token_stats)
+        return stats, stats.per_row(stats.logps, len(batch["lengths"]))
+
+    def _kl(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if not self.kl:
+            return torch.zeros((), device=batch["input_ids"].device)
+        mismatched = {k[3:]: v for k, v in batch.items() if k.startswith("KL_")}
+        with torch.no_grad():
+            _, policy = self._logps(model, mismatched, token_stats=False)
+            _, reference = self._logps(self.reference, mismatched, token_stats=False)
+            kl = all_reduce_sum((policy - reference).mean().double())
+            world_size = dist.get_world_size() if dist.is_initialized() else 1
+            return (kl / world_size).clamp(min=0).to(policy.dtype)
+
+    def loss(self, model, batch: dict[str, torch.Tensor], denominator: torch.Tensor, metrics: MetricSums,
+             token_stats: bool = True) -> torch.Tensor:
+        kl = self._kl(model, batch)
+        stats, logps = self._logps(model, batch, token_stats)
+        with torch.no_grad():
+            _, ref_logps = self._logps(self.reference, batch, token_stats=False)
+        desirable, beta = batch["label"].bool(), self.dpo.beta
+        logratios = logps - ref_logps
+        per_row = kto_losses(logratios, desirable, kl, beta, self.loss_type, self.dpo.desirable_weight,
+                             self.dpo.undesirable_weight)
+        metrics.add("loss", per_row.detach().sum(), len(per_row))
+        metrics.add("kl", kl, 1)
+        rewards = beta * logratios.detach()
+        for name, side in (("chosen", desirable), ("rejected", ~desirable)):
+            metrics.add(f"rewards/{name}", rewards[side].sum(), side.sum())
+            metrics.add(f"logps/{name}", logps.detach()[side].sum(), side.sum())
+            if stats.entropy is not None:
+                tokens = side[stats.row]
+                metrics.add(f"logits/{name}", stats.mean_logits[tokens].sum(), tokens.sum())
+        metrics.difference("rewards/margins", "rewards/chosen", "rewards/rejected")
+        if stats.entropy is not None:
+            metrics.add("entropy", stats.entropy.sum(), stats.row.numel())
+        return per_row.sum() / denominator
+
+
 def make_objective(recipe: Recipe, pad_token_id: int, reference=None):
     if recipe.stage == "sft":
         return SFTObjective(recipe, pad_token_id)
+    if recipe.data_kind == "kto":
+        return KTOObjective(recipe, pad_token_id, reference)
     return DPOObjective(recipe, pad_token_id, reference)

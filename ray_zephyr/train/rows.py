@@ -136,9 +136,11 @@ def _plain_columns(batch: pa.Table) -> pa.Table:
 
 def _num_tokens(batch: pa.Table) -> pa.Array:
     """Tokens the model reads for a row, before truncation: `input_ids` (SFT); a pair's two sequences,
-    prompt + chosen and prompt + rejected (DPO)."""
+    prompt + chosen and prompt + rejected (DPO); prompt + completion (KTO, whose KL pass reads about as many again)."""
     if "input_ids" in batch.column_names:
         return pc.list_value_length(batch.column("input_ids"))
+    if "completion_ids" in batch.column_names:
+        return pc.add(*(pc.list_value_length(batch.column(n)) for n in ("prompt_ids", "completion_ids")))
     prompt, chosen, rejected = (pc.list_value_length(batch.column(f"{n}_ids")) for n in ("prompt", "chosen", "rejected"))
     return pc.add(pc.multiply(prompt, 2), pc.add(chosen, rejected))
 

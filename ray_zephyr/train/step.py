@@ -19,14 +19,7 @@ from collections.abc import Iterable, Iterator
 import torch
 import torch.distributed as dist
 
-from ray_zephyr.train.objectives import MetricSums
-
-
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum `tensor` over the workers, in place (a no-op without torch.distributed or with one worker)."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor)
-    return tensor
+from ray_zephyr.train.objectives import MetricSums, all_reduce_sum
 
 
 def collated(objective, micro_batches: Iterable[dict], pin_memory: bool) -> Iterator[tuple[list[int], dict]]:
