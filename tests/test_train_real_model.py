@@ -23,11 +23,15 @@ from ray_zephyr.train.launch import run_training
 pytestmark = pytest.mark.slow
 trl = pytest.importorskip("trl")
 
-# 2 steps in CI: the second one follows an AdamW update, so optimizer and clipping are compared too (~15 s per step
-# per trainer here). RZ_PARITY_STEPS=5 gives the 5 DPO steps that docs/results.md records; SFT has at most 3, all
-# that the 14 usable chats of the UltraChat sample give at batch 4.
+# 2 steps in CI: the second one follows an AdamW update, so optimizer and clipping are compared too. The work is
+# the forwards and backwards of a 135M model on 2 cores, so CI keeps the sequences short: DPO's 64 tokens keep a third
+# of the UltraFeedback prompts (4% of the 1000 pairs selected, ~13 kept, 8 trained), SFT's 128 tokens leave 9 of the
+# 16 UltraChat chats an assistant token (8 trained). RZ_PARITY_STEPS=5 gives 5 DPO steps (10% selected) and 3 of SFT
+# (all that the 14 chats with a first turn under 256 tokens give at batch 4).
 PARITY_STEPS = int(os.environ.get("RZ_PARITY_STEPS", "2"))
 DPO_STEPS, SFT_STEPS = PARITY_STEPS, min(PARITY_STEPS, 3)
+DPO_LENGTH, DPO_WEIGHT = 64, 0.02 * DPO_STEPS
+SFT_LENGTH = 128 if SFT_STEPS <= 2 else 256
 BATCH, LR = 4, 5e-5
 COMMON = [f"train.global_batch_size={BATCH}", "train.per_device_batch_size=1", "train.num_workers=2",
           "train.zero_stage=3", f"train.lr={LR}", "train.lr_scheduler=constant", "train.warmup_ratio=0",
@@ -83,12 +87,12 @@ def _template_tokenizer(model: Path):
 def test_dpo_on_two_zero3_workers_equals_trl_at_every_step(ray_session, shared_data, smollm2_gguf, smollm2_model_dir,
                                                            tmp_path):
     source = shared_data / "ultrafeedback_binarized" / "train_prefs_1000.jsonl"
-    # 60 of the 1000 pairs (selected by seed); half have prompts of 128 tokens or more and are dropped; 4 per step trained
-    ours, order = _ours("smollm2-135m-dpo", source, 128, DPO_STEPS, smollm2_gguf, tmp_path / "ours",
-                        "data.train.0.weight=0.06")
+    # pairs selected by seed; two thirds have prompts of 64 tokens or more and are dropped; 4 per step trained
+    ours, order = _ours("smollm2-135m-dpo", source, DPO_LENGTH, DPO_STEPS, smollm2_gguf, tmp_path / "ours",
+                        f"data.train.0.weight={DPO_WEIGHT}")
     lines = source.read_text().splitlines()
     data = Dataset.from_list([preference_example(json.loads(lines[i])) for i in order])
-    args = trl.DPOConfig(output_dir=str(tmp_path / "trl"), beta=0.1, loss_type=["sigmoid"], max_length=128,
+    args = trl.DPOConfig(output_dir=str(tmp_path / "trl"), beta=0.1, loss_type=["sigmoid"], max_length=DPO_LENGTH,
                          max_steps=DPO_STEPS, **TRL_ARGS)
     trainer = trl.DPOTrainer(model=AutoModelForCausalLM.from_pretrained(smollm2_model_dir),
                              ref_model=AutoModelForCausalLM.from_pretrained(smollm2_model_dir), args=args,
@@ -105,11 +109,11 @@ def test_dpo_on_two_zero3_workers_equals_trl_at_every_step(ray_session, shared_d
 def test_sft_on_two_zero3_workers_equals_trl_at_every_step(ray_session, shared_data, smollm2_gguf, smollm2_model_dir,
                                                            tmp_path):
     source = shared_data / "ultrachat_200k" / "sample_16.jsonl"
-    # 14 of the 16 chats have a first turn under 256 tokens (the other 2 are dropped, counted); 4 per step trained
-    ours, order = _ours("tiny-sft", source, 256, SFT_STEPS, smollm2_gguf, tmp_path / "ours")
+    # the chats left with no assistant token within max_length are dropped (counted); 4 per step trained
+    ours, order = _ours("tiny-sft", source, SFT_LENGTH, SFT_STEPS, smollm2_gguf, tmp_path / "ours")
     lines = source.read_text().splitlines()
     data = Dataset.from_list([{"messages": json.loads(lines[i])["messages"]} for i in order])
-    args = trl.SFTConfig(output_dir=str(tmp_path / "trl"), assistant_only_loss=True, max_length=256,
+    args = trl.SFTConfig(output_dir=str(tmp_path / "trl"), assistant_only_loss=True, max_length=SFT_LENGTH,
                          max_steps=SFT_STEPS, **TRL_ARGS)
     trainer = trl.SFTTrainer(model=AutoModelForCausalLM.from_pretrained(smollm2_model_dir), args=args,
                              train_dataset=data, processing_class=_template_tokenizer(smollm2_model_dir))
