@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -67,6 +68,21 @@ def test_deepspeed_is_imported_without_mlflow_which_stays_importable():
             "print('mlflow' in sys.modules); import mlflow, deepspeed.autotuning.autotuner as a; print(a.has_mlflow)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert done.stdout.split()[-2:] == ["False", "False"], done.stdout + done.stderr[-2000:]
+
+
+def test_deepspeed_on_cpu_compiles_nothing(tmp_path):
+    """DeepSpeed's comm init on gloo would compile its shared-memory op (~45 s of a 2-core machine, once per machine
+    and environment) that only its inference kernels use; a fresh extensions folder stays empty, and the
+    collectives training uses still work."""
+    import subprocess
+    import sys
+
+    code = ("import torch; from ray_zephyr.train.deepspeed_setup import import_deepspeed, init_single_process; "
+            "init_single_process('gloo'); t = torch.ones(3); import_deepspeed().comm.all_reduce(t); print(t.tolist())")
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0 and done.stdout.split("\n")[-2] == "[1.0, 1.0, 1.0]", done.stdout + done.stderr[-2000:]
+    assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("kind", ["cosine", "linear", "constant"])

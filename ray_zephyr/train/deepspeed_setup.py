@@ -7,12 +7,11 @@ process with world size 1 for benchmarks), so the training step does not depend 
 from __future__ import annotations
 
 import functools
-import io
 import logging
 import math
 import sys
 import warnings
-from contextlib import contextmanager, nullcontext, redirect_stdout
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -53,6 +52,17 @@ def import_deepspeed():
         if hide:
             del sys.modules["mlflow"]
     return deepspeed
+
+
+def init_distributed(backend: str) -> None:
+    """DeepSpeed's communication over torch's process group. On CPU (gloo) DeepSpeed would first compile its
+    shared-memory op with the system compiler (~45 s of both cores of a 2-core machine, once per machine and
+    environment; ~1 min for a laptop's first run), which only its inference kernels' all-reduce uses: training's
+    collectives go through torch.distributed. Marked incompatible, it is not built."""
+    deepspeed = import_deepspeed()
+    if backend == "gloo":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend=backend)
 
 
 def grad_accumulation_steps(train: TrainConfig) -> int:
@@ -217,8 +227,7 @@ def build_engine(recipe: Recipe, model_path: str, total_steps: int):
     `model.lora`, a LoRA adapter on the frozen model, and only the adapter is optimized."""
     deepspeed = import_deepspeed()
 
-    with redirect_stdout(io.StringIO()):  # on CPU its print "deepspeed_shm_comm_op built successfully"
-        deepspeed.init_distributed(dist_backend="nccl" if recipe.train.use_gpu else "gloo")  # wraps torch's group
+    init_distributed("nccl" if recipe.train.use_gpu else "gloo")  # wraps torch's group
     train = recipe.train
     config = deepspeed_config(train, hidden_size=hidden_size(model_path))
     zero3 = config["zero_optimization"]["stage"] == 3
@@ -319,7 +328,6 @@ def init_single_process(backend: str | None = None) -> None:
 
     import torch.distributed as dist
 
-    deepspeed = import_deepspeed()
     if dist.is_initialized():
         return
     from ray_zephyr.runtime import free_ports
@@ -327,4 +335,4 @@ def init_single_process(backend: str | None = None) -> None:
     port = free_ports()[0]
     os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-    deepspeed.init_distributed(dist_backend=backend or ("nccl" if torch.cuda.is_available() else "gloo"))
+    init_distributed(backend or ("nccl" if torch.cuda.is_available() else "gloo"))
