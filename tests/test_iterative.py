@@ -8,6 +8,7 @@ import json
 import os
 from pathlib import Path
 
+import pyarrow.ipc as ipc
 import pytest
 
 from ray_zephyr.embedded import verify
@@ -38,6 +39,13 @@ def rounds_recipe(embedded_model_dir, tmp_path_factory):
         verifier="ray_zephyr.embedded:verify", output_dir=str(tmp_path_factory.mktemp("iterative")))
 
 
+def _scorer_actors() -> set[str]:
+    """The reference-scoring actors the session's Ray has ever started (from its GCS: no dashboard here)."""
+    from ray._private import state
+
+    return {a["ActorID"] for a in state.actors().values() if "ReferenceScorer" in a["ActorClassName"]}
+
+
 def _mtimes(folder: Path) -> dict[str, int]:
     return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
 
@@ -50,8 +58,14 @@ def test_rounds_resume_after_crashes_in_judging_and_in_ddpo(ray_session, rounds_
     monkeypatch.delenv(CRASH_ENV, raising=False)  # and restored after the test whatever happens
 
     def train(recipe, label):
+        before = _scorer_actors()
         result = run_training(recipe)
         reports[label] = result.data_report
+        # the reference pass scored train and eval rows with one model load (one actor: 1 worker), not one per split
+        assert len(_scorer_actors() - before) == 1, label
+        for split in ("train", "eval"):
+            rows = ipc.open_file(Path(recipe.train.output_dir) / "data" / split / "rows.arrow").read_all()
+            assert rows.num_rows and not rows.column("ref_chosen_logps").null_count, (label, split)
         if label == "round 1 dDPO":
             os.environ[CRASH_ENV] = "1"  # the next judging, round 2's, crashes
         return result

@@ -145,24 +145,41 @@ def _num_tokens(batch: pa.Table) -> pa.Array:
     return pc.add(pc.multiply(prompt, 2), pc.add(chosen, rejected))
 
 
+class RowWriter:
+    """Numbered rows into `folder/rows.arrow`, batch by batch, with `sample_id` and `num_tokens` columns (several
+    writers can fill the splits of one stream); `close` returns the row count. No batch: an empty file."""
+
+    def __init__(self, folder: str):
+        fs, where = storage.filesystem(folder)
+        fs.create_dir(where, recursive=True)
+        self.sink = fs.open_output_stream(f"{where}/{ROWS_FILE}")
+        self.rows, self.writer, self.schema = 0, None, None
+
+    def write(self, batch: pa.Table | pa.RecordBatch) -> None:
+        batch = _plain_columns(batch)
+        batch = batch.append_column("sample_id", pa.array(np.arange(self.rows, self.rows + batch.num_rows)))
+        batch = batch.append_column("num_tokens", _num_tokens(batch))
+        if self.writer is None:
+            self.schema = batch.schema
+            self.writer = pa.ipc.new_file(self.sink, self.schema)
+        self.writer.write(batch.cast(self.schema))
+        self.rows += batch.num_rows
+
+    def close(self) -> int:
+        if self.writer is not None:
+            self.writer.close()
+        self.sink.close()
+        return self.rows
+
+
 def write_rows(batches: Iterator[pa.Table | pa.RecordBatch], folder: str) -> int:
-    """Write the (ordered) batches as `folder/rows.arrow` with `sample_id` and `num_tokens` columns; returns the
-    row count."""
-    fs, where = storage.filesystem(folder)
-    fs.create_dir(where, recursive=True)
-    rows, writer, schema = 0, None, None
-    with fs.open_output_stream(f"{where}/{ROWS_FILE}") as sink:
+    """Write the (ordered) batches as `folder/rows.arrow` (see `RowWriter`); returns the row count."""
+    writer = RowWriter(folder)
+    try:
         for batch in batches:
-            batch = _plain_columns(batch)
-            batch = batch.append_column("sample_id", pa.array(np.arange(rows, rows + batch.num_rows)))
-            batch = batch.append_column("num_tokens", _num_tokens(batch))
-            if writer is None:
-                schema = batch.schema
-                writer = pa.ipc.new_file(sink, schema)
-            writer.write(batch.cast(schema))
-            rows += batch.num_rows
-        if writer is not None:
-            writer.close()
+            writer.write(batch)
+    finally:
+        rows = writer.close()
     return rows
 
 
