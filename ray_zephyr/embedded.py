@@ -224,7 +224,9 @@ def save_embedded_model(folder: str | Path, hidden_size: int = 64, layers: int =
     tokenizer = build_tokenizer()
     model = build_model(tokenizer, hidden_size=hidden_size, layers=layers, tied=tied)
     tmp = folder.with_name(folder.name + f".tmp{random.randrange(1 << 30)}")
-    model.save_pretrained(tmp)
+    from ray_zephyr.train.deepspeed_setup import save_pretrained_quietly
+
+    save_pretrained_quietly(model, tmp)
     tokenizer.save_pretrained(tmp)
     for item in tmp.iterdir():
         item.replace(folder / item.name)

@@ -96,11 +96,13 @@ def convert(file: Path, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ray_zephyr.train.deepspeed_setup import save_pretrained_quietly
+
     quantized = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=torch.float32)
     config = quantized.config
     del config.quantization_config  # what makes save_pretrained refuse
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(quantized.state_dict())
     model.generation_config = quantized.generation_config
-    model.save_pretrained(out)
+    save_pretrained_quietly(model, out)
     AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name).save_pretrained(out)

@@ -74,13 +74,17 @@ def _start_node(env: dict, *args: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def cluster(s3_server):
-    """Head + one worker node, both reaching the S3 server; yields (dashboard address, environment, head temp dir)."""
+def cluster(s3_server, tmp_path_factory):
+    """Head + one worker node, both reaching the S3 server; yields (dashboard address, environment, head temp dir).
+    The nodes' home is new, as a fresh cluster's is: no model cache, nothing built by an earlier run."""
     gcs, dashboard, client = free_ports(3)
     env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), **s3_server,
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+               HOME=str(tmp_path_factory.mktemp("home")))
     env[TRAIN_POLL_ENV] = "0.25"  # Ray Train's poll of its workers, as on a local Ray (ray_zephyr.runtime)
-    env.pop("RAY_ADDRESS", None)
+    # every process on the nodes finds this cluster, not the session's Ray on the same machine (Ray Train's
+    # placement-group cleaner, a detached actor, looks the address up and fails on two; a real node has one Ray)
+    env["RAY_ADDRESS"] = f"127.0.0.1:{gcs}"
     nodes = []
     try:
         nodes.append(_start_node(env, "--head", f"--port={gcs}", "--dashboard-host=127.0.0.1",

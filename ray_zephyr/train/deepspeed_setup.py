@@ -54,6 +54,23 @@ def import_deepspeed():
     return deepspeed
 
 
+def save_pretrained_quietly(model, folder) -> None:
+    """`model.save_pretrained(folder)` in a process that has not imported DeepSpeed (a job's driver saving the
+    embedded model or a dequantized GGUF into a fresh node's cache): transformers imports DeepSpeed there when it is
+    installed (accelerate's unwrap looks for its engine), which would announce "Setting accelerator to CPU", and
+    draws a bar for a one-shard save. Imported our way, and without the bar, the save says nothing."""
+    from transformers.utils import logging as hf_logging
+
+    import_deepspeed()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(folder)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def init_distributed(backend: str) -> None:
     """DeepSpeed's communication over torch's process group. On CPU (gloo) DeepSpeed would first compile its
     shared-memory op with the system compiler (~45 s of both cores of a 2-core machine, once per machine and
