@@ -23,6 +23,7 @@ import ray_zephyr
 
 LOCAL_LOGICAL_CPUS = 8
 TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 VERBOSE_ENV = "RAY_ZEPHYR_VERBOSE"  # set by a job's --verbose: Ray's own INFO logs back on
 _started_here = False
 
@@ -62,6 +63,10 @@ def init_ray(num_cpus: int | None = None, join_existing: bool = True) -> None:
     # Ray Train's controller polls its workers every 2 s by default, so a finished run on a local Ray waited ~5 s
     # more before fit() returned; the runs a laptop makes are short, and a poll costs a few small RPCs.
     os.environ.setdefault(TRAIN_POLL_ENV, "0.25")
+    # Ray Train's preemption watcher (an actor per run) polls for nodes being drained, as spot nodes of a cluster
+    # are; one machine's own Ray has no node to lose but itself, and Ray's core warned at each run that the
+    # watcher's arguments sit in the object store. On a cluster it stays on.
+    os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
     # Workers of a local Ray inherit the environment: let them import ray_zephyr from a checkout, installed or not.
     root = str(Path(ray_zephyr.__file__).resolve().parents[1])
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))

@@ -102,8 +102,10 @@ def test_dpo_on_two_zero3_workers_equals_trl_at_every_step(ray_session, shared_d
     for step, (mine, trl_log) in enumerate(zip(ours, theirs, strict=True), start=1):
         for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins"):
             assert mine[key] == pytest.approx(trl_log[key], abs=2e-4), f"step {step} {key}"
-    # the policy moved away from the reference: equality is not of a frozen model
-    assert ours[0]["rewards/margins"] == 0 and abs(ours[-1]["rewards/chosen"]) > 1e-3
+    # the policy moved away from the reference: equality is not of a frozen model. At step 1 the two are the same
+    # weights, scored in batches of different make-up (the reference pass batches rows as they stream in): float32
+    # rounding only (2e-8 seen)
+    assert abs(ours[0]["rewards/margins"]) < 1e-6 and abs(ours[-1]["rewards/chosen"]) > 1e-3
 
 
 def test_sft_on_two_zero3_workers_equals_trl_at_every_step(ray_session, shared_data, smollm2_gguf, smollm2_model_dir,

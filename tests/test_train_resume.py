@@ -188,3 +188,11 @@ def test_trackers_hold_each_logged_step_once_across_the_restart(runs):
         scalars = events.Scalars(name)
         assert [e.step for e in scalars] == [2, 4, 6, 8], name
         assert [e.value for e in scalars] == pytest.approx([expected[e.step][name] for e in scalars], rel=1e-6), name
+
+
+def test_a_local_ray_runs_no_preemption_watcher(runs):
+    """Ray Train's preemption watcher (an actor per run) polls for nodes being drained, as a cluster's spot nodes
+    are; a local Ray's one node is the machine itself, so `ray_zephyr.runtime` turns it off there."""
+    from ray._private import state
+
+    assert not [a for a in state.actors().values() if "PreemptionWatcher" in a["ActorClassName"]]
