@@ -40,6 +40,15 @@ def ray_log_level() -> str:
     return "INFO" if verbose() else "ERROR"
 
 
+def quiet_model_loading() -> None:
+    """In a job's model-loading actor (an AI-feedback generator or reward model): transformers' "Loading weights"
+    bar off, unless --verbose; it reaches the job's output once per actor and tells nothing there."""
+    if not verbose():
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
 def init_ray(num_cpus: int | None = None, join_existing: bool = True) -> None:
     """Join the cluster this job runs on (RAY_ADDRESS, as `ray job submit` sets, or the head `ray start` made on
     this machine), else start a local Ray; always a new local one when join_existing=False."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import warnings
 
 import httpx
 import pytest
@@ -61,6 +62,15 @@ def test_greedy_matches_transformers_generate(service):
     answer = _complete(service, temperature=0, max_tokens=12)
     assert answer.choices[0].message.content == expected
     assert answer.usage.completion_tokens == len(out)
+
+
+def test_decoding_uses_the_installed_transformers_cache_argument(service):
+    """transformers 5.24 renamed the KV cache `past_key_values` -> `cache` (the old name warns, and goes in 5.40):
+    prefill and batched decoding call the model without a deprecation warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        answer = _complete(service, temperature=0, max_tokens=6, n=2)
+    assert answer.usage.completion_tokens > 2
 
 
 def test_stop_sequence_is_cut_out_in_both_modes(service):

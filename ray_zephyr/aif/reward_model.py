@@ -28,7 +28,9 @@ class RewardScorer:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         from ray_zephyr.models import resolve_model_path
+        from ray_zephyr.runtime import quiet_model_loading
 
+        quiet_model_loading()
         folder = resolve_model_path(model, "judge.model")
         self.device = torch.device("cuda" if use_gpu else "cpu")
         self.tokenizer = AutoTokenizer.from_pretrained(folder)

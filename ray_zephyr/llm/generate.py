@@ -61,9 +61,11 @@ class EngineCompletions(_Completions):
     event loop per actor, for all its batches: an engine's background tasks (vLLM's output handler) live on it."""
 
     def __init__(self, spec: GeneratorConfig):
+        from ray_zephyr.runtime import quiet_model_loading
         from ray_zephyr.serving.engines import load_engine
         from ray_zephyr.serving.service import ChatService
 
+        quiet_model_loading()
         super().__init__(spec)
         self.loop = asyncio.new_event_loop()
         asyncio.set_event_loop(self.loop)  # an engine built here binds to the loop its batches run on

@@ -9,6 +9,8 @@ cut off, so the cache stays as long as the longest live row.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 
@@ -37,6 +39,9 @@ class DecodeBatch:
     def __init__(self, model):
         self.model = model
         self.vocab = model.config.vocab_size
+        # the KV cache's argument and output: `cache` since transformers 5.24, whose `past_key_values` warns and goes
+        # in 5.40; vLLM's CPU build pins a 5.x before the rename
+        self.cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.clear()
 
     def clear(self) -> None:
@@ -57,8 +62,8 @@ class DecodeBatch:
             with torch.inference_mode():
                 mask = F.pad(self.mask, (0, 1), value=1)
                 out = self.model(input_ids=self.next_ids[:, None], attention_mask=mask,
-                                 position_ids=self.positions[:, None], past_key_values=self.cache, use_cache=True)
-            self.cache, self.mask, self.positions = out.past_key_values, mask, self.positions + 1
+                                 position_ids=self.positions[:, None], use_cache=True, **{self.cache_name: self.cache})
+            self.cache, self.mask, self.positions = getattr(out, self.cache_name), mask, self.positions + 1
             self.next_ids = self.sampling.sample(out.logits[:, -1])
             for (request, choice), token in zip(self.rows, self.next_ids.tolist()):
                 if (piece := request.advance(choice, token)) is not None:
@@ -76,7 +81,7 @@ class DecodeBatch:
         pieces = [request.advance(choice, token) for choice, token in zip(request.choices, first.tolist())]
         live = [i for i, c in enumerate(request.choices) if not c.finish]
         if live:
-            cache = out.past_key_values
+            cache = getattr(out, self.cache_name)
             _each_layer(cache, lambda t: t.expand(len(live), -1, -1, -1).contiguous())
             mask = torch.ones(len(live), prompt.shape[1], dtype=torch.long)
             rows = [(request, request.choices[i]) for i in live]
